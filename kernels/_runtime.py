@@ -1,0 +1,57 @@
+"""What the kernels share: can Triton run here, interpreter detection, dtype helpers."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton's CPU interpreter is on (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    """None if triton imports, else the reason it does not."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising something else
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def triton_unavailable_reason(device: torch.device | str) -> str | None:
+    """None if Triton kernels can run on tensors of `device`, else a one-line reason and fix."""
+    device = torch.device(device)
+    err = triton_import_error()
+    if err is not None:
+        return f"Triton is not importable ({err}); install it with `pip install triton` or use kernels='torch'"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and interpreting():
+        return None
+    if device.type == "cpu":
+        return ("Triton kernels need a CUDA GPU; on CPU they run only in Triton's interpreter "
+                "(set TRITON_INTERPRET=1, slow, for testing) — or use kernels='torch'/'auto'")
+    return f"Triton kernels do not run on device '{device.type}'; use kernels='torch' or 'auto'"
+
+
+def check_tensor(name: str, t: torch.Tensor, *, ndim: int | None = None,
+                 dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)) -> None:
+    """Validate a launcher input at the boundary, with an error that names the problem and the fix."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; supported: {names} (cast it first)")
+    reason = triton_unavailable_reason(t.device)
+    if reason is not None:
+        raise RuntimeError(f"{name} is on {t.device}: {reason}")
+
+
+TORCH_TO_TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}

@@ -1,0 +1,93 @@
+"""Pure-PyTorch reference of every op: the ground truth the Triton kernels are tested against.
+
+Each function has the signature of the public op in `kernels`. Row-wise ops compute in fp32
+(float64 stays float64) and return the input dtype. To get a high-precision reference, pass
+float64 tensors: nothing here downcasts them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
+    """y = h * rsqrt(mean(h^2) + eps) * weight, with h = x (+ residual).
+
+    Returns y, or (y, h) when `residual` is given (h is the new residual stream, in x's dtype).
+    """
+    if residual is not None:
+        h = (x.to(_compute_dtype(x.dtype)) + residual.to(_compute_dtype(x.dtype))).to(x.dtype)
+    else:
+        h = x
+    hf = h.to(_compute_dtype(h.dtype))
+    y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(hf.dtype)
+    y = y.to(x.dtype)
+    return (y, h) if residual is not None else y
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, computed in fp32."""
+    ct = _compute_dtype(gate.dtype)
+    return (F.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x (B, H, T, D), cos/sin (T, D//2).
+
+    With x1, x2 = x[..., :D//2], x[..., D//2:]: cat(x1*cos - x2*sin, x2*cos + x1*sin).
+    """
+    ct = _compute_dtype(x.dtype)
+    d2 = x.shape[-1] // 2
+    x1, x2 = x[..., :d2].to(ct), x[..., d2:].to(ct)
+    c, s = cos.to(ct), sin.to(ct)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def causal_mask(tq: int, tk: int, device=None) -> torch.Tensor:
+    """Bool mask (Tq, Tk), True where allowed; aligned to the end: query i sees keys <= tk - tq + i."""
+    i = torch.arange(tq, device=device).unsqueeze(1)
+    j = torch.arange(tk, device=device).unsqueeze(0)
+    return j <= (tk - tq) + i
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              scale: float | None = None) -> torch.Tensor:
+    """Softmax attention with GQA. q (B, H, Tq, D), k/v (B, Hkv, Tk, D), H % Hkv == 0.
+
+    Each K/V head serves H // Hkv consecutive query heads. Matmuls run in the input dtype
+    (so a low-precision call shows PyTorch's own rounding error); softmax runs in fp32.
+    """
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"attention: query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if Hkv != H:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    scores = torch.matmul(q, k.transpose(-2, -1)).to(_compute_dtype(q.dtype)) * scale  # (B, H, Tq, Tk)
+    if causal:
+        scores = scores.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    # A query row with no visible key (Tq > Tk, causal) gets zeros rather than NaN.
+    p = torch.nan_to_num(p, nan=0.0).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, causal: bool = True, scale: float | None = None) -> torch.Tensor:
+    """Natural-log log-sum-exp of the scaled scores per query row, (B, H, Tq), in fp32/fp64."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    ct = _compute_dtype(q.dtype)
+    k = k.repeat_interleave(H // Hkv, dim=1)
+    scores = torch.matmul(q.to(ct), k.to(ct).transpose(-2, -1)) * scale
+    if causal:
+        scores = scores.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
+    return torch.logsumexp(scores, dim=-1)
