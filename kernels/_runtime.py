@@ -55,3 +55,21 @@ def check_tensor(name: str, t: torch.Tensor, *, ndim: int | None = None,
 
 
 TORCH_TO_TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+class CompileSpec:
+    """One kernel + launch configuration for `python -m kernels.report` to compile for real GPU targets.
+
+    signature: kernel argument name -> Triton type string ("*fp16", "*fp32", "i32", "fp32", ...);
+    constexprs: name -> value for the tl.constexpr arguments; label: the config as shown in the table.
+    Every kernel module exposes `compile_specs(quick: bool = False) -> list[CompileSpec]` listing the
+    configurations its launchers can actually choose (quick=True: a small representative subset).
+    """
+
+    def __init__(self, kernel: str, fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int,
+                 label: str, expects_mma: bool = False):
+        self.kernel, self.fn, self.signature, self.constexprs = kernel, fn, signature, constexprs
+        self.num_warps, self.num_stages, self.label, self.expects_mma = num_warps, num_stages, label, expects_mma
+
+    def __repr__(self):
+        return f"CompileSpec({self.kernel}, {self.label}, warps={self.num_warps}, stages={self.num_stages})"
