@@ -1,7 +1,6 @@
 """What the kernels share: can Triton run here, interpreter detection, dtype helpers."""
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -12,15 +11,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORT = {}  # memo: "error" -> None or the reason triton does not import
+
+
 def triton_import_error() -> str | None:
     """None if triton imports, else the reason it does not."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install raising something else
-        return f"{type(e).__name__}: {e}"
-    return None
+    if "error" not in _TRITON_IMPORT:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON_IMPORT["error"] = None
+        except Exception as e:  # ImportError, or a broken install raising something else
+            _TRITON_IMPORT["error"] = f"{type(e).__name__}: {e}"
+    return _TRITON_IMPORT["error"]
 
 
 def triton_unavailable_reason(device: torch.device | str) -> str | None:

@@ -1,0 +1,203 @@
+"""The GPT: pre-norm blocks of grouped-query attention with RoPE and a SwiGLU MLP, RMSNorm, tied
+embeddings. Every hot op goes through gpt/ops.py, which picks the Triton kernels or PyTorch."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import ops
+from .config import GPTConfig
+
+
+def rope_table(block_size: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (block_size, head_dim // 2) in fp32: angle(t, i) = t * theta^(-2i/head_dim)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float64, device=device), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+class Norm(nn.Module):
+    """RMSNorm (through ops, with an optional fused residual add) or LayerNorm."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.kind, self.eps = config.norm, config.norm_eps
+        self.weight = nn.Parameter(torch.ones(config.n_embd))
+        self.bias = nn.Parameter(torch.zeros(config.n_embd)) if (config.bias and config.norm == "layer") else None
+
+    def forward(self, x, op, residual=None):
+        """Returns norm(x), or (norm(x + residual), x + residual) when `residual` is given."""
+        if self.kind == "rms":
+            return op.rms_norm(x, self.weight, self.eps, residual=residual)
+        h = x if residual is None else x + residual
+        y = F.layer_norm(h, (h.shape[-1],), self.weight, self.bias, self.eps)
+        return y if residual is None else (y, h)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        # One matmul for q, k and v: [H*D | Hkv*D | Hkv*D] output columns.
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
+                                bias=config.bias)
+        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
+        self.c_proj.residual_projection = True
+
+    def forward(self, x, cos, sin, op, cache=None, layer: int = 0):
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)      # (B, H, T, D), a strided view
+        k = k.view(B, T, Hkv, D).transpose(1, 2)    # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        q, k = op.rope(q, cos, sin), op.rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)        # (B, Hkv, pos + T, D)
+        y = op.attention(q, k, v, causal=True)      # (B, H, T, D)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.kind, hidden = config.mlp, config.hidden_size
+        # SwiGLU: one matmul produces [gate | up]; the kernel reads the two halves in place.
+        width = 2 * hidden if self.kind == "swiglu" else hidden
+        self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_proj.residual_projection = True
+
+    def forward(self, x, op):
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = op.swiglu(gate, up)
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.c_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.norm_attn, self.attn = Norm(config), Attention(config)
+        self.norm_mlp, self.mlp = Norm(config), MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, op, cache=None, layer: int = 0):
+        a = self.dropout(self.attn(self.norm_attn(x, op), cos, sin, op, cache, layer))
+        # Fused: h = x + a and its norm in one pass (one read of each, two writes).
+        y, h = self.norm_mlp(a, op, residual=x)
+        return h + self.dropout(self.mlp(y, op))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = Norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        cos, sin = rope_table(config.block_size, config.head_dim, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            # GPT-2: residual projections scaled so the residual stream's variance does not grow with depth.
+            if getattr(module, "residual_projection", False):
+                std = std / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        device = self.wte.weight.device
+        try:
+            choice = ops.describe(c.kernels, device)
+        except RuntimeError as e:
+            choice = f"{c.kernels} (unavailable: {e})"
+        return (f"params={self.num_params():,}, layers={c.n_layer}, heads={c.n_head}/{c.n_kv_head} (q/kv), "
+                f"d_model={c.n_embd}, kernels={choice}")
+
+    # -- accounting ---------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, a tied matrix counted once; non_embedding drops the token embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, T: int) -> float:
+        """Training FLOPs per token at context T (forward + backward): 6N + 12*L*H*D*T.
+
+        6N: 2 FLOPs per weight per token forward, 4 backward; the tied lm_head matmul is a real
+        matmul, so N keeps the embedding once. 12*L*H*D*T: QK^T and PV (2*2*H*D*T forward, x3 with
+        backward), counted without the causal halving, as in PaLM/nanoGPT's MFU.
+        """
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * T
+
+    # -- forward ------------------------------------------------------------------------------
+    def hidden_states(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+        """Final normed hidden states (B, T, C) of token ids idx (B, T); with a KV cache, idx are the
+        tokens at positions cache.pos ... cache.pos + T - 1, and the cache advances by T."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"idx must hold integer token ids (int64), got {idx.dtype}")
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}; "
+                             f"crop the input to the last {self.config.block_size} tokens")
+        op = ops.select(self.config.kernels, idx.device)
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.drop(self.wte(idx))
+        for i, block in enumerate(self.blocks):
+            if self.config.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, cos, sin, op, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, op, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm_f(x, op)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """logits (B, T, vocab) and the mean cross-entropy over targets != -1 (None without targets)."""
+        logits = self.lm_head(self.hidden_states(idx))
+        loss = None
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
+                 dtype: torch.dtype | str | None = None) -> torch.Tensor:
+        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens). See gpt/generate.py."""
+        from .generate import generate
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        generator=generator, use_cache=use_cache, dtype=dtype)
+
+
+def create_model(preset: str = "tiny", **overrides) -> GPT:
+    """A freshly initialised GPT of the named preset (tiny/small/medium/large), fields overridden."""
+    from .config import preset_config
+    return GPT(preset_config(preset, **overrides))

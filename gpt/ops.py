@@ -1,0 +1,90 @@
+"""The one place that chooses between the Triton kernels and the PyTorch path.
+
+kernels="torch":  kernels/reference.py for the row-wise ops, SDPA for attention.
+kernels="triton": the hand-written kernels in kernels/ (CUDA, or CPU under TRITON_INTERPRET=1).
+kernels="auto":   Triton when the tensors are on CUDA and Triton imports, else the PyTorch path.
+Both paths have the same signatures and layouts (DESIGN.md section 2).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels import reference
+from kernels._runtime import triton_unavailable_reason
+
+from .config import KERNEL_MODES
+
+
+def sdpa_attention(q, k, v, causal: bool = True, scale: float | None = None):
+    """kernels.attention semantics on F.scaled_dot_product_attention (flash/efficient/CPU-fused backends)."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if not causal or Tq == 1:
+        # One query at the end of the sequence sees every key: no mask needed.
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    # Chunked prefill into a KV cache: SDPA's is_causal aligns to the start, we need the end.
+    mask = reference.causal_mask(Tq, Tk, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+class TorchOps:
+    """PyTorch path: the references for the row-wise ops, SDPA for attention."""
+    name = "torch"
+    rms_norm = staticmethod(reference.rms_norm)
+    rope = staticmethod(reference.rope)
+    swiglu = staticmethod(reference.swiglu)
+    attention = staticmethod(sdpa_attention)
+
+
+class TritonOps:
+    """Triton path. Imports are deferred so that the PyTorch path never needs Triton."""
+    name = "triton"
+
+    @staticmethod
+    def rms_norm(x, weight, eps=1e-6, residual=None):
+        from kernels.rms_norm import rms_norm
+        return rms_norm(x, weight, eps, residual=residual)
+
+    @staticmethod
+    def rope(x, cos, sin):
+        from kernels.rope import rope
+        return rope(x, cos, sin)
+
+    @staticmethod
+    def swiglu(gate, up):
+        from kernels.swiglu import swiglu
+        return swiglu(gate, up)
+
+    @staticmethod
+    def attention(q, k, v, causal=True, scale=None):
+        from kernels.attention import attention
+        return attention(q, k, v, causal=causal, scale=scale)
+
+
+def resolve(mode: str, device: torch.device | str) -> str:
+    """'triton' or 'torch' for `mode` on `device`; 'triton' where it cannot run is a clear error."""
+    device = torch.device(device)
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"unknown kernels mode {mode!r}; use one of {', '.join(KERNEL_MODES)}")
+    if mode == "torch":
+        return "torch"
+    reason = triton_unavailable_reason(device)
+    if mode == "triton":
+        if reason is not None:
+            raise RuntimeError(f"kernels='triton' cannot run here: {reason}")
+        return "triton"
+    return "triton" if device.type == "cuda" and reason is None else "torch"
+
+
+def select(mode: str, device: torch.device | str) -> type[TorchOps] | type[TritonOps]:
+    """The op table (rms_norm, rope, swiglu, attention) that `mode` means on `device`."""
+    return TritonOps if resolve(mode, device) == "triton" else TorchOps
+
+
+def describe(mode: str, device: torch.device | str) -> str:
+    """Human-readable choice, for logs: e.g. "auto -> torch (cpu)"."""
+    device = torch.device(device)
+    return f"{mode} -> {resolve(mode, device)} ({device.type})"
