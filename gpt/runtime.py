@@ -59,3 +59,60 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+# Dense peak TFLOP/s per GPU family (vendor datasheets; bf16/fp16 tensor cores, fp32 = TF32 dense where
+# matmuls run in TF32, which PyTorch does for fp32 only when allowed). First matching name wins.
+GPU_PEAK_TFLOPS = [
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("H800", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("GH200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("B200", {"bf16": 2250.0, "fp16": 2250.0, "fp32": 80.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("A800", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6}),
+    ("L4", {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
+    ("A10G", {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2}),
+    ("A10", {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2}),
+    ("RTX 4090", {"bf16": 165.0, "fp16": 165.0, "fp32": 82.6}),
+    ("RTX 3090", {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6}),
+    ("V100", {"fp16": 125.0, "fp32": 15.7}),
+    ("T4", {"fp16": 65.0, "fp32": 8.1}),
+]
+
+_MEASURED_PEAK: dict = {}
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Best observed FLOP/s of an n x n matmul in `dtype` on `device` (used as the CPU's peak)."""
+    import time
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s, where the number comes from) for MFU: the datasheet table on known GPUs, else a
+    matmul measured once per process in the training dtype."""
+    key = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for family, peaks in GPU_PEAK_TFLOPS:
+            if family in name and key in peaks:
+                return peaks[key] * 1e12, f"{family} {key} datasheet"
+    cache_key = (device.type, dtype)
+    if cache_key not in _MEASURED_PEAK:
+        _MEASURED_PEAK[cache_key] = measure_matmul_flops(device, dtype)
+    return _MEASURED_PEAK[cache_key], f"measured {dtype_name(dtype)} matmul on {device.type}"

@@ -1,0 +1,118 @@
+"""python -m train: train a GPT. Flags mirror TrainConfig and GPTConfig fields (kebab-case)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+
+import torch
+
+from gpt.config import PRESETS, GPTConfig
+
+from .checkpoint import CheckpointError
+from .config import TrainConfig, resolve_config
+from .data import DataError
+from .loop import Trainer, TrainingError
+
+HELP = {
+    "preset": f"model size: {', '.join(PRESETS)}", "kernels": "auto | triton | torch",
+    "dataset": "'shakespeare' (default, offline) or a text file / directory / glob", "data": "alias of --dataset",
+    "tokenizer": "char | bpe | gpt2", "vocab_size": "bpe vocabulary size (default 8192)",
+    "device": "auto | cpu | cuda | cuda:N | mps", "dtype": "auto | float32 | bfloat16 | float16",
+    "time_budget": "minutes of wall clock; ends cleanly and fits the LR schedule to it",
+    "resume": f"continue exactly from OUT_DIR/ckpt.pt", "compile": "torch.compile the model",
+}
+# Model fields that are set through train flags (kernels) or the tokenizer (vocab_size) instead.
+SKIP_MODEL = {"kernels", "vocab_size", "gradient_checkpointing"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _type_of(f):
+    t = f.type if isinstance(f.type, str) else f.type.__name__
+    for py, conv in (("bool", bool), ("int", int), ("float", float)):
+        if t.startswith(py):
+            return conv
+    return str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train", description="Train a GPT (see README.md).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="a .toml or .py file setting the same names as these flags")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train = p.add_argument_group("training")
+    for f in fields(TrainConfig):
+        if f.name == "model":
+            continue
+        conv = _type_of(f)
+        default = f.default if f.default is not MISSING else None
+        help_ = HELP.get(f.name, "") + f" (default: {default})"
+        if conv is bool:
+            train.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            train.add_argument(_flag(f.name), type=conv, default=None, help=help_,
+                               **({"choices": list(PRESETS)} if f.name == "preset" else {}))
+    train.add_argument("--data", dest="dataset", default=None, help=argparse.SUPPRESS)
+    train.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                       help="recompute each block in the backward (less memory, ~30%% more compute)")
+    model = p.add_argument_group("model (override the preset)")
+    for f in fields(GPTConfig):
+        if f.name in SKIP_MODEL:
+            continue
+        conv = _type_of(f)
+        if conv is bool:
+            model.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, dest=f"model.{f.name}")
+        else:
+            model.add_argument(_flag(f.name), type=conv, default=None, dest=f"model.{f.name}")
+    p.set_defaults(argument_default=argparse.SUPPRESS)
+    return p
+
+
+def parse(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    cli: dict = {"model": {}}
+    for k, v in vars(args).items():
+        if v is None or k in ("config", "print_config", "argument_default"):
+            continue
+        if k.startswith("model."):
+            cli["model"][k[len("model."):]] = v
+        elif k == "grad_checkpointing":
+            cli["model"]["gradient_checkpointing"] = v
+        else:
+            cli[k] = v
+    return resolve_config(cli, args.config), args
+
+
+def main(argv=None) -> int:
+    try:
+        cfg, args = parse(argv)
+        print("config: " + json.dumps(cfg.to_dict(), sort_keys=True), flush=True)
+        if args.print_config:
+            return 0
+        trainer = Trainer(cfg)
+        print("model config: " + json.dumps(trainer.model_config.to_dict(), sort_keys=True), flush=True)
+        result = trainer.train()
+        print("result: " + json.dumps(result), flush=True)
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, CheckpointError, DataError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print("error: out of GPU memory; lower --batch-size (raise --grad-accum to keep tokens per step), "
+              "use --grad-checkpointing, or a smaller --preset", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "kernels='triton' cannot run here" in str(e) or "device" in str(e).lower():
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

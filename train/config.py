@@ -1,0 +1,137 @@
+"""Training configuration: one dataclass with commented defaults, per-preset defaults, file loading."""
+from __future__ import annotations
+
+import runpy
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from gpt.config import PRESETS, GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    # model
+    preset: str = "tiny"               # tiny | small | medium | large (gpt/config.py)
+    model: dict = field(default_factory=dict)  # GPTConfig overrides, e.g. {"n_layer": 4, "dropout": 0.1}
+    kernels: str = "auto"              # auto | triton | torch
+    # data
+    dataset: str = "shakespeare"       # "shakespeare" or a text file / directory / glob
+    tokenizer: str = "char"            # char | bpe | gpt2
+    vocab_size: int | None = None      # bpe vocabulary (default 8192); the model's vocab follows the tokenizer
+    data_dir: str = "data"             # tokenized datasets are cached here
+    hf_dataset: str | None = None      # a Hugging Face dataset name or local file instead of `dataset`
+    hf_config: str | None = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    # optimisation
+    batch_size: int = 32               # sequences per micro-batch
+    grad_accum: int = 1                # micro-batches per optimizer step
+    max_iters: int = 2000              # optimizer steps (the schedule's length unless time_budget ends sooner)
+    lr: float = 1e-3                   # peak learning rate
+    min_lr: float = 1e-4               # cosine floor
+    warmup_iters: int = 100            # linear warmup steps
+    weight_decay: float = 0.1          # on 2-D weights only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0             # max global grad norm; 0 disables
+    # runtime
+    device: str = "auto"               # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"                # auto | float32 | bfloat16 | float16 (autocast; see gpt/runtime.py)
+    compile: bool = False              # torch.compile the model
+    seed: int = 1337
+    time_budget: float | None = None   # minutes of wall clock (evals included); the LR schedule fits it
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250           # steps between evals (and checkpoints)
+    eval_iters: int = 20               # batches per split per eval
+    log_interval: int = 10             # steps between log lines
+    out_dir: str = "out"               # ckpt.pt (last), ckpt_best.pt (best val), metrics.jsonl, loss.png
+    resume: bool = False               # continue exactly from out_dir/ckpt.pt
+    progress: bool = True              # tqdm bar on stderr (only on a terminal)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        from gpt.config import preset_config
+        return preset_config(self.preset, vocab_size=vocab_size, kernels=self.kernels, **self.model)
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        unknown = sorted(set(self.model) - {f.name for f in fields(GPTConfig)})
+        if unknown:
+            raise ValueError(f"unknown model field(s) {unknown}")
+        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"time_budget is in minutes and must be positive, got {self.time_budget}")
+
+
+# Defaults per model preset, chosen for the hardware each preset targets (tiny: a laptop CPU).
+TRAIN_PRESETS: dict[str, dict] = {
+    "tiny":   dict(batch_size=32, lr=2e-3, min_lr=2e-4, warmup_iters=100, beta2=0.99),
+    "small":  dict(batch_size=32, lr=1e-3, min_lr=1e-4, warmup_iters=200),
+    "medium": dict(batch_size=16, grad_accum=2, lr=6e-4, min_lr=6e-5, warmup_iters=500, max_iters=10000),
+    "large":  dict(batch_size=8, grad_accum=4, lr=3e-4, min_lr=3e-5, warmup_iters=1000, max_iters=20000),
+}
+
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+MODEL_FIELDS = {f.name for f in fields(GPTConfig)} - {"kernels", "vocab_size"}
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Settings from a .toml file or a .py file (its top-level names). Train and model field names
+    are both accepted; model fields may also sit under a [model] table / `model = {...}` dict."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"config file {path} does not exist")
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+    elif path.suffix == ".py":
+        raw = {k: v for k, v in runpy.run_path(str(path)).items() if not k.startswith("_")}
+        raw = {k: v for k, v in raw.items() if not callable(v) and not hasattr(v, "__file__")}
+    else:
+        raise ValueError(f"config file {path}: use a .toml or .py file")
+    out: dict = {}
+    for k, v in raw.items():
+        k = k.replace("-", "_")
+        if k == "model" and isinstance(v, dict):
+            out.setdefault("model", {}).update({mk.replace("-", "_"): mv for mk, mv in v.items()})
+        elif k in TRAIN_FIELDS:
+            out[k] = v
+        elif k in MODEL_FIELDS:
+            out.setdefault("model", {})[k] = v
+        else:
+            raise ValueError(f"config file {path}: unknown setting {k!r}")
+    return out
+
+
+def resolve_config(cli: dict, config_file: str | None = None) -> TrainConfig:
+    """Defaults < the preset's training defaults < the config file < command-line flags."""
+    file_settings = load_config_file(config_file) if config_file else {}
+    preset = cli.get("preset") or file_settings.get("preset") or TrainConfig.preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    settings: dict = dict(TRAIN_PRESETS.get(preset, {}))
+    model: dict = {}
+    for layer in (file_settings, cli):
+        for k, v in layer.items():
+            if v is None:
+                continue
+            if k == "model":
+                model.update(v)
+            else:
+                settings[k] = v
+    cfg = TrainConfig(**{**settings, "model": model})
+    cfg.validate()
+    return cfg
