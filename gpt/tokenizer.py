@@ -222,7 +222,9 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown tokenizer {kind!r}: choose one of {', '.join(KINDS)}")
 
 
-def build_tokenizer(kind: str, text: str | Iterable[str] | None = None, vocab_size: int | None = None) -> Tokenizer:
+def build_tokenizer(
+    kind: str, text: str | Iterable[str] | None = None, vocab_size: int | None = None
+) -> Tokenizer:
     """A new tokenizer of ``kind``; ``char`` and ``bpe`` learn from ``text`` (a string or an
     iterable of strings), ``bpe`` with ``vocab_size`` tokens (default 8192)."""
     _check_kind(kind)
