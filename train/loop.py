@@ -158,7 +158,9 @@ class Trainer:
         return out
 
     # -- the loop -----------------------------------------------------------------------------
-    def train(self) -> dict:
+    def train(self, stop_at: int | None = None) -> dict:
+        """Run to max_iters (or the time budget). stop_at: pause after that iteration with a checkpoint
+        and no final eval, as if interrupted there; a later run with resume=True continues exactly."""
         cfg, st = self.cfg, self.state
         self.out.mkdir(parents=True, exist_ok=True)
         metrics_file = open(self.out / "metrics.jsonl", "a")
@@ -177,6 +179,10 @@ class Trainer:
         stop_reason = "max_iters"
         try:
             while st.iter < cfg.max_iters:
+                if stop_at is not None and st.iter >= stop_at:
+                    st.elapsed = time.perf_counter() - t_start
+                    self.save()
+                    return {"iters": st.iter, "tokens": st.tokens, "elapsed": st.elapsed, "stop_reason": "stop_at"}
                 elapsed = time.perf_counter() - t_start
                 if budget is not None and elapsed >= budget:
                     stop_reason = "time budget"

@@ -1,0 +1,227 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from train.config import TrainConfig, load_config_file, resolve_config
+from train.data import DataError
+from train.loop import Trainer, TrainingError, lr_at
+
+SMALL_MODEL = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=32)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def cfg_for(tmp_path, data_dir, **kw):
+    base = dict(model=dict(SMALL_MODEL), batch_size=8, max_iters=20, eval_interval=10, eval_iters=2,
+                log_interval=1, out_dir=str(tmp_path / "out"), data_dir=data_dir, warmup_iters=5,
+                lr=3e-3, min_lr=3e-4, device="cpu", dtype="float32", progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def train_losses(out_dir) -> dict[int, float]:
+    losses = {}
+    for line in Path(out_dir, "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            losses[rec["iter"]] = rec["loss"]
+    return losses
+
+
+def test_training_lowers_the_loss(tmp_path, data_dir):
+    result = Trainer(cfg_for(tmp_path, data_dir, max_iters=60, eval_interval=60)).train()
+    losses = train_losses(tmp_path / "out")
+    # 75 characters: a uniform guess is ln(75) = 4.32; character frequencies alone give ~3.3.
+    assert losses[1] > 4.0 and result["val_loss"] < 3.2, (losses[1], result)
+    assert (tmp_path / "out" / "ckpt.pt").exists() and (tmp_path / "out" / "loss.png").exists()
+    assert (tmp_path / "out" / "ckpt_best.pt").exists()
+
+
+def test_resume_continues_exactly(tmp_path, data_dir):
+    straight = cfg_for(tmp_path / "a", data_dir, model=dict(SMALL_MODEL, dropout=0.1))
+    Trainer(straight).train()
+    paused = cfg_for(tmp_path / "b", data_dir, model=dict(SMALL_MODEL, dropout=0.1))
+    assert Trainer(paused).train(stop_at=13)["iters"] == 13
+    resumed = cfg_for(tmp_path / "b", data_dir, model=dict(SMALL_MODEL, dropout=0.1), resume=True)
+    Trainer(resumed).train()
+    a, b = train_losses(tmp_path / "a" / "out"), train_losses(tmp_path / "b" / "out")
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert [a[i] for i in range(14, 21)] == [b[i] for i in range(14, 21)]
+    ca = load_checkpoint(tmp_path / "a" / "out" / "ckpt.pt")
+    cb = load_checkpoint(tmp_path / "b" / "out" / "ckpt.pt")
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+
+
+def test_interrupt_saves_a_checkpoint_that_resumes_exactly(tmp_path, data_dir, monkeypatch):
+    Trainer(cfg_for(tmp_path / "a", data_dir)).train()
+    trainer = Trainer(cfg_for(tmp_path / "b", data_dir))
+    real_step, calls = trainer._step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 8:
+            trainer.data.get_batch("train", 8, 32, "cpu", trainer.data_gen)  # consume RNG mid-step
+            raise KeyboardInterrupt
+        return real_step()
+    trainer._step = step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert load_checkpoint(tmp_path / "b" / "out" / "ckpt.pt")["iter"] == 7
+    Trainer(cfg_for(tmp_path / "b", data_dir, resume=True)).train()
+    a, b = train_losses(tmp_path / "a" / "out"), train_losses(tmp_path / "b" / "out")
+    assert [a[i] for i in range(8, 21)] == [b[i] for i in range(8, 21)]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "model_config": {}, "tokenizer": {}}, path)
+
+    def torn_save(obj, f, *a, **k):  # dies half-way through writing, like a kill mid-save
+        f.write(b"PK\x03\x04 partial garbage")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "model_config": {}, "tokenizer": {}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"], "temp file left behind"
+
+
+def test_checkpoint_killed_process_leaves_old_file(tmp_path):
+    """A real SIGKILL in the middle of a slow save: the previous checkpoint still loads."""
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "model_config": {}, "tokenizer": {}}, path)
+    code = f"""
+import torch, os, signal
+from train.checkpoint import save_checkpoint
+real = torch.save
+def slow(obj, f, *a, **k):
+    f.write(b"x" * 1000); f.flush(); os.kill(os.getpid(), signal.SIGKILL)
+torch.save = slow
+save_checkpoint({{"model": {{"w": torch.zeros(2)}}, "model_config": {{}}, "tokenizer": {{}}}}, {str(path)!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert proc.returncode != 0
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path, data_dir):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt or not a checkpoint"):
+        load_checkpoint(bad)
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a tritongpt checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint at .* drop --resume"):
+        Trainer(cfg_for(tmp_path, data_dir, resume=True))
+    Trainer(cfg_for(tmp_path, data_dir)).train(stop_at=2)
+    with pytest.raises(CheckpointError, match="different model: n_layer=2 .*this run: 3"):
+        Trainer(cfg_for(tmp_path, data_dir, resume=True, model=dict(SMALL_MODEL, n_layer=3)))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+    trainer = Trainer(cfg_for(tmp_path, data_dir, eval_interval=5))
+    real_step = trainer._step
+    trainer._step = lambda: float("nan") if trainer.state.iter >= 7 else real_step()
+    with pytest.raises(TrainingError, match="loss is nan at iter 8.*untouched"):
+        trainer.train()
+    ck = load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ck["iter"] == 5 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_dataset_too_small_for_block_size(tmp_path):
+    text = tmp_path / "small.txt"
+    text.write_text("to be or not to be " * 20)
+    cfg = cfg_for(tmp_path, str(tmp_path / "d"), dataset=str(text), model=dict(SMALL_MODEL, block_size=256))
+    with pytest.raises(DataError, match="smaller --block-size"):
+        Trainer(cfg)
+
+
+def test_time_budget_ends_cleanly_with_decayed_lr(tmp_path, data_dir):
+    cfg = cfg_for(tmp_path, data_dir, max_iters=100000, time_budget=0.1, eval_interval=100000, warmup_iters=1)
+    result = Trainer(cfg).train()
+    assert result["stop_reason"] == "time budget" and math.isfinite(result["val_loss"])
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+           if "lr" in json.loads(line)]
+    # The last step starts within one step of the end of the 6 s budget, so well past half-way.
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.5 * cfg.lr, lrs
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter"] == result["iters"]
+
+
+def test_lr_schedule_shape():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=100)
+    assert lr_at(cfg, 0, 0.0) == pytest.approx(0.1)
+    assert lr_at(cfg, 9, 0.09) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.09)))
+    assert lr_at(cfg, 99, 1.0) == pytest.approx(0.1)
+    assert lr_at(cfg, 50, 0.5) == pytest.approx(0.55)
+
+
+def test_config_files_and_precedence(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('preset = "small"\nlr = 5e-4\nn_layer = 3\n[model]\ndropout = 0.2\n')
+    cfg = resolve_config({"lr": 1e-3, "model": {}}, str(toml))
+    assert cfg.preset == "small" and cfg.lr == 1e-3 and cfg.model == {"n_layer": 3, "dropout": 0.2}
+    py = tmp_path / "c.py"
+    py.write_text("batch_size = 4\nblock_size = 64\n")
+    assert load_config_file(py) == {"batch_size": 4, "model": {"block_size": 64}}
+    bad = tmp_path / "bad.toml"
+    bad.write_text("learning_rate = 1\n")
+    with pytest.raises(ValueError, match="unknown setting 'learning_rate'"):
+        load_config_file(bad)
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        resolve_config({"preset": "huge"})
+
+
+def run_cli(*args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+def test_cli_train_then_sample_end_to_end(tmp_path, data_dir):
+    p = run_cli("train", "--max-iters", "6", "--eval-interval", "3", "--eval-iters", "1", "--batch-size", "4",
+                "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--block-size", "32",
+                "--out-dir", "out", "--data-dir", data_dir, "--device", "cpu", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert '"preset": "tiny"' in p.stdout and "eval @ 6" in p.stdout and "tok/s" in p.stdout
+    s = run_cli("gpt.sample", "--ckpt", "out/ckpt.pt", "--prompt", "ROMEO:", "--max_tokens", "20", "--seed", "1",
+                cwd=tmp_path)
+    assert s.returncode == 0, s.stderr
+    assert s.stdout.startswith("ROMEO:") and len(s.stdout) >= len("ROMEO:") + 20
+    again = run_cli("gpt.sample", "--ckpt", "out/ckpt.pt", "--prompt", "ROMEO:", "--max-tokens", "20", "--seed", "1",
+                    cwd=tmp_path)
+    assert again.stdout == s.stdout
+    inter = subprocess.run([sys.executable, "-m", "gpt.sample", "--ckpt", "out/ckpt.pt", "--interactive",
+                            "--max-tokens", "5"], input="/temp 0\nHello\n/show\n/reset\nnaïve€\n/quit\n",
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert inter.returncode == 0, inter.stderr
+    assert "(temp = 0.0)" in inter.stdout and "(session cleared)" in inter.stdout
+    assert "does not know: 'ï' '€'" in inter.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--preset", "huge"], "invalid choice: 'huge'"),
+    (["train", "--resume", "--out-dir", "nowhere"], "error: --resume: no checkpoint at nowhere/ckpt.pt"),
+    (["train", "--kernels", "triton", "--device", "cpu", "--max-iters", "1"], "kernels='triton' cannot run here"),
+    (["gpt.sample", "--ckpt", "missing.pt"], "error: checkpoint missing.pt does not exist"),
+])
+def test_cli_bad_input_is_one_clear_line(tmp_path, data_dir, args, message):
+    if args[0] == "train":
+        args = [*args, "--data-dir", data_dir]
+    p = run_cli(*args, cwd=tmp_path)
+    assert p.returncode == 2
+    assert message in p.stderr and "Traceback" not in p.stderr, p.stderr
