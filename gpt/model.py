@@ -91,8 +91,9 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, op, cache=None, layer: int = 0):
         a = self.dropout(self.attn(self.norm_attn(x, op), cos, sin, op, cache, layer))
-        # Fused: h = x + a and its norm in one pass (one read of each, two writes).
-        y, h = self.norm_mlp(a, op, residual=x)
+        # Fused: h = x + a and its norm in one pass. The residual stream x goes first: h takes its
+        # dtype, so under autocast the stream stays fp32 while a is bf16.
+        y, h = self.norm_mlp(x, op, residual=a)
         return h + self.dropout(self.mlp(y, op))
 
 

@@ -1,6 +1,6 @@
 """The one place that chooses between the Triton kernels and the PyTorch path.
 
-kernels="torch":  kernels/reference.py for the row-wise ops, SDPA for attention.
+kernels="torch":  PyTorch ops with the semantics of kernels/reference.py, SDPA for attention.
 kernels="triton": the hand-written kernels in kernels/ (CUDA, or CPU under TRITON_INTERPRET=1).
 kernels="auto":   Triton when the tensors are on CUDA and Triton imports, else the PyTorch path.
 Both paths have the same signatures and layouts (DESIGN.md section 2).
@@ -30,12 +30,35 @@ def sdpa_attention(q, k, v, causal: bool = True, scale: float | None = None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+def torch_rms_norm(x, weight, eps: float = 1e-6, residual=None):
+    """kernels.rms_norm semantics on F.rms_norm (PyTorch's fused kernel, fp32 math for low precision)."""
+    h = x if residual is None else x + residual
+    if h.dtype != weight.dtype:
+        weight = weight.to(h.dtype)
+    y = F.rms_norm(h, (h.shape[-1],), weight, eps)
+    return y if residual is None else (y, h)
+
+
+def torch_rope(x, cos, sin):
+    """kernels.rope semantics in x's dtype: on CPU, bf16 <-> fp32 round trips cost more than the math."""
+    d2 = x.shape[-1] // 2
+    x1, x2 = x[..., :d2], x[..., d2:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def torch_swiglu(gate, up):
+    """silu(gate) * up in the input dtype (the reference upcasts; PyTorch's silu already uses fp32 math)."""
+    return F.silu(gate) * up
+
+
 class TorchOps:
-    """PyTorch path: the references for the row-wise ops, SDPA for attention."""
+    """PyTorch path: PyTorch's own fused ops for the row-wise math, SDPA for attention.
+    Same semantics as kernels/reference.py; intermediate rounding may differ in bf16/fp16."""
     name = "torch"
-    rms_norm = staticmethod(reference.rms_norm)
-    rope = staticmethod(reference.rope)
-    swiglu = staticmethod(reference.swiglu)
+    rms_norm = staticmethod(torch_rms_norm)
+    rope = staticmethod(torch_rope)
+    swiglu = staticmethod(torch_swiglu)
     attention = staticmethod(sdpa_attention)
 
 
