@@ -124,22 +124,21 @@ def generate_stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
         window = idx[:, -block:]                 # the tokens the model currently conditions on
         cache = KVCache.for_model(model, idx.shape[0]) if use_cache else None
         pending = window                         # tokens not yet in the cache
-        with autocast(device, compute_dtype):
-            for _ in range(max_new_tokens):
-                if window.shape[1] > block:      # full: restart from the most recent tokens
-                    window = window[:, -keep:]
-                    pending = window
-                    if cache is not None:
-                        cache.reset()
+        for _ in range(max_new_tokens):
+            if window.shape[1] > block:          # full: restart from the most recent tokens
+                window = window[:, -keep:]
+                pending = window
                 if cache is not None:
-                    h = model.hidden_states(pending, cache=cache)
-                else:
-                    h = model.hidden_states(window)
+                    cache.reset()
+            # autocast per step, not around the loop: a context left open across `yield` would
+            # leak into the caller's code between tokens.
+            with autocast(device, compute_dtype):
+                h = model.hidden_states(pending, cache=cache) if cache is not None else model.hidden_states(window)
                 logits = model.lm_head(h[:, -1, :])
-                nxt = sample_next(logits, temperature, top_k, top_p, generator)
-                window = torch.cat((window, nxt), dim=1)
-                pending = nxt
-                yield nxt
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            window = torch.cat((window, nxt), dim=1)
+            pending = nxt
+            yield nxt
     finally:
         model.train(was_training)
 

@@ -135,6 +135,13 @@ class GPT(nn.Module):
         return (f"params={self.num_params():,}, layers={c.n_layer}, heads={c.n_head}/{c.n_kv_head} (q/kv), "
                 f"d_model={c.n_embd}, kernels={choice}")
 
+    def cast_weights_(self, dtype: torch.dtype) -> "GPT":
+        """Store the parameters in `dtype` for inference (half the bytes read per decoded token in
+        bf16); the RoPE tables stay fp32. Training keeps fp32 weights and uses autocast instead."""
+        for p in self.parameters():
+            p.data = p.data.to(dtype)
+        return self
+
     # -- accounting ---------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, a tied matrix counted once; non_embedding drops the token embedding."""

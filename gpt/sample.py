@@ -162,6 +162,8 @@ def main(argv=None) -> int:
         device = resolve_device(args.device)
         args.compute_dtype = resolve_dtype(args.dtype, device)
         model, tokenizer, _ = load_model(args.ckpt, device, args.kernels)
+        if args.compute_dtype != torch.float32:
+            model.cast_weights_(args.compute_dtype)   # decoding reads every weight per token: halve the bytes
         ops.resolve(model.config.kernels, device)      # 'triton' where it cannot run: one clear line
         generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
         print(f"loaded {args.ckpt}: {model.num_params():,} params, {tokenizer.kind} tokenizer, "

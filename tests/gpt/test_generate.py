@@ -92,3 +92,26 @@ def test_bad_sampling_arguments():
         apply_top_p(torch.randn(1, 5), 0.0)
     with pytest.raises(ValueError, match="non-empty prompt"):
         generate(model_for(2), torch.zeros(1, 0, dtype=torch.long), 3)
+
+
+def test_bf16_weights_generation_matches_bf16_autocast_closely():
+    model = model_for(2)
+    idx = torch.randint(0, 50, (1, 6))
+    logits32, _ = model(idx)
+    model.cast_weights_(torch.bfloat16)
+    assert model.wte.weight.dtype == torch.bfloat16 and model.rope_cos.dtype == torch.float32
+    logits16, _ = model(idx)
+    assert logits16.dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa: logits agree to a few percent of their spread.
+    assert (logits16.float() - logits32).abs().max() < 0.05 * logits32.abs().max()
+    out = model.generate(idx, 8, temperature=0)
+    assert out.shape == (1, 14)
+
+
+def test_autocast_does_not_leak_between_streamed_tokens():
+    from gpt.generate import generate_stream
+    model = model_for(2)
+    stream = generate_stream(model, torch.randint(0, 50, (1, 3)), 3, dtype=torch.bfloat16)
+    next(stream)
+    assert not torch.is_autocast_enabled("cpu")
+    list(stream)
