@@ -225,3 +225,22 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, data_dir, args, message):
     p = run_cli(*args, cwd=tmp_path)
     assert p.returncode == 2
     assert message in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_sigterm_saves_a_checkpoint(tmp_path, data_dir):
+    import signal
+    import time
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen([sys.executable, "-m", "train", "--max-iters", "100000", "--n-layer", "1", "--n-embd",
+                             "32", "--n-head", "2", "--n-kv-head", "1", "--block-size", "32", "--batch-size", "4",
+                             "--log-interval", "5", "--out-dir", "out", "--data-dir", data_dir, "--device", "cpu"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if line.startswith("iter") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted: checkpoint saved" in err
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter"] >= 5
