@@ -1,0 +1,164 @@
+"""bench/run.py end to end on CPU (a shrunken quick run), and the FLOP/MFU/roofline formulas by hand."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import roofline, static_suite, train_suite
+from gpt import GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parents[2]
+PLOTS = ("kernels_gbps.png", "attention_tflops.png", "train_tokens_per_s.png", "decode_tokens_per_s.png",
+         "roofline_estimates.png")
+
+# A kernels.report JSON as the compile report writes it (two rows), so the static suite is tested
+# without minutes of ptxas.
+FAKE_REPORT = {"triton": "x", "targets": [90], "quick": True, "notes": [], "summary": {},
+               "rows": [{"module": "kernels.rms_norm", "kernel": "_rms_norm_fwd_kernel", "config": "a",
+                         "target": "sm_90", "num_warps": 4, "num_stages": 1, "registers": 40, "stack": 0,
+                         "local": 0, "shared": 2048, "tensor_cores": "-", "error": None, "problems": []},
+                        {"module": "kernels.attention", "kernel": "attention_fwd", "config": "b",
+                         "target": "sm_90", "num_warps": 8, "num_stages": 3, "registers": 200, "stack": 8,
+                         "local": 0, "shared": 131072, "tensor_cores": "HGMMA", "error": None,
+                         "problems": ["spills (stack 8 B, local 0 B)"]}]}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One shrunken `--quick` run of every suite: (stdout, results.json, output dir)."""
+    out = tmp_path_factory.mktemp("bench")
+    report = out / "fake_report.json"
+    report.write_text(json.dumps(FAKE_REPORT))
+    cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--suite", "all", "--device", "cpu",
+           "--preset", "tiny", "--sizes", "64", "--no-compile", "--batch-size", "2", "--seq-len", "32",
+           "--new-tokens", "4", "--contexts", "16", "--threads", "1", "--report-json", str(report),
+           "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads((out / "results.json").read_text()), out
+
+
+def test_results_json_has_machine_command_and_every_suite(quick_run):
+    _, doc, _ = quick_run
+    for key in ("schema", "command", "argv", "machine", "settings", "calibration", "results", "plots", "notes",
+                "summary", "seconds"):
+        assert key in doc, key
+    m = doc["machine"]
+    for key in ("cpu", "cpu_cores", "torch", "triton", "python", "gpu", "git_commit"):
+        assert key in m, key
+    assert m["torch"] == torch.__version__
+    assert "bench/run.py" in doc["command"] and "--quick" in doc["argv"]
+    assert doc["calibration"]["kind"] == "measured" and doc["calibration"]["copy_gbps"] > 0
+    assert set(doc["results"]) == {"kernels", "train", "decode", "static"}
+    for suite, records in doc["results"].items():
+        assert records, suite
+        for r in records:  # every number says where it comes from
+            assert r["kind"] in ("measured", "estimated"), (suite, r)
+
+
+def test_each_suite_measured_what_it_should(quick_run):
+    _, doc, _ = quick_run
+    res = doc["results"]
+    kern = [r for r in res["kernels"] if "median_ms" in r]
+    assert {r["op"] for r in kern} == {"rms_norm", "rms_norm_residual", "rope", "swiglu", "attention",
+                                       "decode_attention"}
+    assert {r["provider"] for r in kern} == {"torch", "sdpa"}  # CPU, --no-compile: no triton, no compile
+    for r in kern:
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["gbps"] > 0
+    train = res["train"]
+    assert {(r["dtype"], r["compile"]) for r in train} == {("float32", False), ("bfloat16", False)}
+    for r in train:
+        assert r["batch"] == 2 and r["seq"] == 32 and r["tokens_per_s"] > 0 and math.isfinite(r["final_loss"])
+        assert r["peak_memory_mb"] > 0 and "RSS" in r["memory_kind"]
+    gen = [r for r in res["decode"] if r["test"] == "generate"]
+    assert {(r["batch"], r["kv_cache"]) for r in gen} == {(1, True), (1, False), (8, True), (8, False)}
+    assert [r["context"] for r in res["decode"] if r["test"] == "context"] == [16, 16]
+    compiled = [r for r in res["static"] if r.get("table") == "compile"]
+    assert {r["kernel"] for r in compiled} == {"_rms_norm_fwd_kernel", "attention_fwd"}
+    assert {r["kind"] for r in res["static"] if r.get("table") == "roofline"} == {"estimated"}
+
+
+def test_stdout_tables_plots_and_final_json_line(quick_run):
+    stdout, doc, out = quick_run
+    assert "Triton kernel numbers need a CUDA GPU" in stdout
+    for title in ("kernels (MEASURED", "train: full step", "decode: greedy generation", "ESTIMATED best-case roofline"):
+        assert title in stdout, title
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary == doc["summary"]
+    assert summary["results"] == str(out / "results.json")
+    for name in PLOTS:
+        path = out / name
+        assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert sorted(doc["plots"]) == sorted(PLOTS)
+
+
+def test_measured_bytes_use_the_roofline_formula(quick_run):
+    """RMSNorm forward at 64 rows x 4096 (bf16): one read of x and w, one write of y."""
+    _, doc, _ = quick_run
+    r = next(r for r in doc["results"]["kernels"] if r["op"] == "rms_norm" and r["direction"] == "fwd")
+    assert r["bytes"] == 2 * 64 * 4096 * 2 + 4096 * 2
+    assert r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] / 1e3) / 1e9)
+
+
+def test_train_mfu_matches_a_hand_count_for_tiny(quick_run):
+    """tiny: 5 layers, d=384, 6 query / 2 KV heads of 64, SwiGLU hidden 1024, vocab 8192, tied embedding."""
+    _, doc, _ = quick_run
+    d, layers, vocab, hidden, heads, kv_heads, head_dim = 384, 5, 8192, 1024, 6, 2, 64
+    per_block = (2 * d                                   # two RMSNorm weights
+                 + d * (heads + 2 * kv_heads) * head_dim  # fused q, k, v projection
+                 + heads * head_dim * d                  # attention output projection
+                 + d * 2 * hidden + hidden * d)          # SwiGLU: [gate | up], down
+    params = vocab * d + layers * per_block + d          # embedding (= lm_head), blocks, final norm
+    assert params == 11_014_272
+    for r in doc["results"]["train"]:
+        flops = 6 * params + 12 * layers * heads * head_dim * r["seq"]
+        assert r["params"] == params and r["flops_per_token"] == flops
+        assert r["mfu"] == pytest.approx(flops * r["tokens_per_s"] / (r["peak_tflops"] * 1e12))
+
+
+def test_flops_per_token_and_mfu_hand_count_small_config():
+    cfg = GPTConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16)
+    model = GPT(cfg)
+    # hidden = 2/3 * 4 * 32 = 85.3 -> rounded up to a multiple of 64 = 128
+    per_block = 32 + 32 * 64 + 32 * 32 + 32 + 32 * 256 + 128 * 32   # = 15,424
+    params = 64 * 32 + 2 * per_block + 32                           # = 32,928
+    assert model.num_params() == params == 32_928
+    T = 16
+    flops = 6 * 32_928 + 12 * 2 * 4 * 8 * T                          # = 197,568 + 12,288
+    assert model.flops_per_token(T) == flops == 209_856
+    # 1,000 tokens/s on a 1 GFLOP/s machine: 209.856 MFLOP/s used = 20.9856%
+    assert train_suite.mfu(model.flops_per_token(T), 1000.0, 1e9) == pytest.approx(0.209856)
+
+
+def test_roofline_rms_norm_forward_h100_by_hand():
+    """rows=4096, D=4096, bf16: read x + w, write y -> 2*4096*4096*2 + 4096*2 bytes at 3.35 TB/s."""
+    nbytes = 2 * 4096 * 4096 * 2 + 4096 * 2
+    cost = roofline.rms_norm_cost(4096, 4096, 2, direction="fwd")
+    assert cost.bytes == nbytes and cost.flops == 0
+    est = roofline.estimate(cost, roofline.GPUS["H100"])
+    assert est["time_us"] == pytest.approx(nbytes / 3.35e12 * 1e6)  # ~20.0 us
+    assert est["bound"] == "memory" and est["kind"] == "estimated"
+    assert est["gbps"] == pytest.approx(3350.0)
+    # The static suite reports exactly this number for its representative RMSNorm forward.
+    rec = next(r for r in static_suite.roofline_estimates()
+               if r["op"] == "rms_norm" and r["direction"] == "fwd" and r["gpu"] == "H100 SXM")
+    assert rec["bytes"] == nbytes and rec["time_us"] == pytest.approx(nbytes / 3.35e12 * 1e6)
+
+
+def test_attention_flops_by_hand():
+    B, H, T, D = 4, 16, 4096, 64
+    fwd = 4 * B * H * T * T * D // 2   # causal: half the score matrix
+    assert roofline.attention_flops(B, H, T, T, D, causal=True, direction="fwd") == fwd
+    assert roofline.attention_flops(B, H, T, T, D, causal=True, direction="bwd") == fwd * 5 // 2
+    assert roofline.attention_flops(B, H, T, T, D, causal=False, direction="fwd") == 2 * fwd
+    # decode (Tq=1 < Tk): no causal halving
+    assert roofline.attention_flops(8, H, 1, T, D, causal=True) == 4 * 8 * H * T * D
+    # A100: 137.4 GFLOP at 312 TFLOP/s is compute-bound
+    est = roofline.estimate(roofline.attention_cost(B, H, 4, T, T, D, 2), roofline.GPUS["A100"])
+    assert est["bound"] == "compute" and est["time_us"] == pytest.approx(fwd / 312e12 * 1e6)
