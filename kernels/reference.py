@@ -91,3 +91,14 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, causal: bool = True, scale: 
     if causal:
         scores = scores.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
     return torch.logsumexp(scores, dim=-1)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(rope(q, cos, sin), rope(k, cos, sin)): RoPE of queries and keys, which may differ in head count."""
+    return rope(q, cos, sin), rope(k, cos, sin)
+
+
+def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """swiglu of the two halves of one [gate | up] projection (..., 2N) -> (..., N)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu(gate, up)
