@@ -1,0 +1,89 @@
+"""python -m kernels.report: the kernels compile for sm_80 and sm_90 without spills (no GPU needed)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kernels import report
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run_report(args, timeout=900):
+    # The kernel modules must be imported without the interpreter for triton.compile to take them.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "kernels.report", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    """One run of `python -m kernels.report --quick --json FILE`: (process, parsed JSON)."""
+    out = tmp_path_factory.mktemp("report") / "report.json"
+    proc = _run_report(["--quick", "--json", str(out)])
+    assert out.exists(), f"no JSON written (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc, json.loads(out.read_text())
+
+
+EXPECTED_KERNELS = {
+    "kernels.rms_norm": {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel"},
+    "kernels.rope": {"_rope_kernel"},
+    "kernels.swiglu": {"_swiglu_fwd_kernel", "_swiglu_bwd_kernel"},
+    "kernels.attention": set(),
+}
+
+
+@pytest.mark.parametrize("module", report.MODULES)
+def test_quick_report_rows(quick_report, module):
+    """Every config of `module` compiled for sm_80 and sm_90, without spills, with plausible registers."""
+    proc, data = quick_report
+    rows = [r for r in data["rows"] if r["module"] == module]
+    if not rows:
+        note = next((n for n in data["notes"] if n.startswith(module)), None)
+        assert note is not None and not EXPECTED_KERNELS[module], f"{module}: no rows and no note"
+        pytest.skip(note)
+    kernels = {r["kernel"] for r in rows}
+    assert EXPECTED_KERNELS[module] <= kernels, f"{module}: missing {EXPECTED_KERNELS[module] - kernels}"
+    for name in kernels:
+        assert {r["target"] for r in rows if r["kernel"] == name} == {"sm_80", "sm_90"}
+    for r in rows:
+        where = f"{r['kernel']} [{r['config']}] on {r['target']}"
+        assert r["error"] is None, f"{where}: {r['error']}"
+        assert r["stack"] == 0 and r["local"] == 0, f"{where} spills {r['stack']} + {r['local']} bytes"
+        assert 8 <= r["registers"] <= 255, f"{where}: implausible register count {r['registers']}"
+        assert r["problems"] == [], f"{where}: {r['problems']}"
+
+
+def test_quick_report_summary(quick_report):
+    proc, data = quick_report
+    rows = data["rows"]
+    bad = [r for r in rows if r["problems"]]
+    assert proc.returncode == (1 if bad else 0), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert data["summary"]["total"] == len(rows) > 0
+    assert data["summary"]["failed"] == len(bad)
+    assert proc.stdout.count(" ok\n") == len(rows) - len(bad), "the table should list every row"
+
+
+def test_refuses_to_compile_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        report.run(quick=True)
+
+
+def test_problems_are_flagged():
+    class Spec:
+        expects_mma = True
+    row = {"error": None, "stack": 8, "local": 0, "shared": 300 * 1024, "tensor_cores": "-"}
+    problems = report._problems(row, Spec(), 90)
+    assert any("spills" in p for p in problems)
+    assert any("shared memory" in p for p in problems)
+    assert any("tensor-core" in p for p in problems)
+    assert report._problems({"error": "CompilationError: boom"}, Spec(), 80) == ["compile failed: CompilationError: boom"]
+
+
+def test_missing_modules_are_noted():
+    specs, notes = report.load_specs(True, ["kernels.no_such_module"])
+    assert specs == [] and notes == ["kernels.no_such_module: module not found, skipped"]
