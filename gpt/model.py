@@ -55,7 +55,7 @@ class Attention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)      # (B, H, T, D), a strided view
         k = k.view(B, T, Hkv, D).transpose(1, 2)    # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
-        q, k = op.rope(q, cos, sin), op.rope(k, cos, sin)
+        q, k = op.rope_qk(q, k, cos, sin)          # one launch for both (Triton path)
         if cache is not None:
             k, v = cache.update(layer, k, v)        # (B, Hkv, pos + T, D)
         y = op.attention(q, k, v, causal=True)      # (B, H, T, D)
@@ -75,8 +75,7 @@ class MLP(nn.Module):
     def forward(self, x, op):
         h = self.c_fc(x)
         if self.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = op.swiglu(gate, up)
+            h = op.swiglu_packed(h)                 # silu(h[..., :N]) * h[..., N:], one gradient buffer
         else:
             h = F.gelu(h, approximate="tanh")
         return self.c_proj(h)

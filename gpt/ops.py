@@ -63,8 +63,17 @@ def torch_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def torch_rope_qk(q, k, cos, sin):
+    return torch_rope(q, cos, sin), torch_rope(k, cos, sin)
+
+
 def torch_swiglu(gate, up):
     """silu(gate) * up in the input dtype (the reference upcasts; PyTorch's silu already uses fp32 math)."""
+    return F.silu(gate) * up
+
+
+def torch_swiglu_packed(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
@@ -74,7 +83,9 @@ class TorchOps:
     name = "torch"
     rms_norm = staticmethod(torch_rms_norm)
     rope = staticmethod(torch_rope)
+    rope_qk = staticmethod(torch_rope_qk)
     swiglu = staticmethod(torch_swiglu)
+    swiglu_packed = staticmethod(torch_swiglu_packed)
     attention = staticmethod(sdpa_attention)
 
 
@@ -93,9 +104,19 @@ class TritonOps:
         return rope(x, cos, sin)
 
     @staticmethod
+    def rope_qk(q, k, cos, sin):
+        from kernels.rope import rope_qk
+        return rope_qk(q, k, cos, sin)
+
+    @staticmethod
     def swiglu(gate, up):
         from kernels.swiglu import swiglu
         return swiglu(gate, up)
+
+    @staticmethod
+    def swiglu_packed(gate_up):
+        from kernels.swiglu import swiglu_packed
+        return swiglu_packed(gate_up)
 
     @staticmethod
     def attention(q, k, v, causal=True, scale=None):

@@ -74,3 +74,12 @@ def test_dispatch_rules(monkeypatch):
     assert ops.describe("auto", "cpu") == "auto -> torch (cpu)"
     with pytest.raises(ValueError, match="unknown kernels mode"):
         ops.resolve("fast", "cpu")
+
+
+def test_fused_forms_match_their_parts():
+    q, k = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16)
+    cos, sin = torch.randn(9, 8), torch.randn(9, 8)
+    rq, rk = ops.torch_rope_qk(q, k, cos, sin)
+    assert torch.equal(rq, ops.torch_rope(q, cos, sin)) and torch.equal(rk, ops.torch_rope(k, cos, sin))
+    gu = torch.randn(3, 5, 64)
+    torch.testing.assert_close(ops.torch_swiglu_packed(gu), reference.swiglu_packed(gu))
