@@ -114,5 +114,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
                 return peaks[key] * 1e12, f"{family} {key} datasheet"
     cache_key = (device.type, dtype)
     if cache_key not in _MEASURED_PEAK:
-        _MEASURED_PEAK[cache_key] = measure_matmul_flops(device, dtype)
+        # Best of two sizes and many repeats: a busy moment must not lower the peak (and inflate MFU).
+        _MEASURED_PEAK[cache_key] = max(measure_matmul_flops(device, dtype, n, reps=8) for n in (1024, 2048))
     return _MEASURED_PEAK[cache_key], f"measured {dtype_name(dtype)} matmul on {device.type}"

@@ -101,6 +101,7 @@ class Trainer:
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
         self.peak, self.peak_source = peak_flops(self.device, self.dtype)
         self.flops_per_token = self.model.flops_per_token(self.model_config.block_size)
+        self._eval_seconds = 0.0  # duration of the last eval: the time budget keeps this much in reserve
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _restore(self, ck: dict) -> None:
@@ -184,14 +185,15 @@ class Trainer:
                     self.save()
                     return {"iters": st.iter, "tokens": st.tokens, "elapsed": st.elapsed, "stop_reason": "stop_at"}
                 elapsed = time.perf_counter() - t_start
-                if budget is not None and elapsed >= budget:
+                # Leave room for the final eval + checkpoint, which count against the budget too.
+                if budget is not None and elapsed + self._eval_seconds >= budget:
                     stop_reason = "time budget"
                     break
                 # The state at this boundary: what a checkpoint written mid-step (Ctrl-C) must hold.
                 data_rng, torch_rng = self.data_gen.get_state(), rng_state()
                 progress = st.iter / cfg.max_iters
                 if budget is not None:
-                    progress = max(progress, elapsed / budget)
+                    progress = max(progress, elapsed / max(budget - self._eval_seconds, 1e-9))
                 lr = lr_at(cfg, st.iter, progress)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
@@ -267,7 +269,9 @@ class Trainer:
 
     def _eval_and_save(self, metrics_file, bar, t_start: float, final: bool = False) -> dict:
         st = self.state
+        t0 = time.perf_counter()
         ev = self.evaluate()
+        self._eval_seconds = time.perf_counter() - t0
         st.elapsed = time.perf_counter() - t_start
         if not (math.isfinite(ev["val_loss"]) and math.isfinite(ev["train_loss"])):
             raise TrainingError(f"eval loss is not finite at iter {st.iter}; stopped without saving. The last good "
