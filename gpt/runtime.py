@@ -88,8 +88,9 @@ _MEASURED_PEAK: dict = {}
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     """Best observed FLOP/s of an n x n matmul in `dtype` on `device` (used as the CPU's peak)."""
     import time
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    g = torch.Generator().manual_seed(0)  # a private generator: measuring must not shift the global RNG
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     torch.matmul(a, b)
     best = float("inf")
     for _ in range(reps):

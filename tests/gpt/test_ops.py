@@ -83,3 +83,12 @@ def test_fused_forms_match_their_parts():
     assert torch.equal(rq, ops.torch_rope(q, cos, sin)) and torch.equal(rk, ops.torch_rope(k, cos, sin))
     gu = torch.randn(3, 5, 64)
     torch.testing.assert_close(ops.torch_swiglu_packed(gu), reference.swiglu_packed(gu))
+
+
+def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():
+    from gpt.runtime import measure_matmul_flops
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    assert measure_matmul_flops(torch.device("cpu"), torch.float32, n=64, reps=1) > 0
+    assert torch.equal(torch.rand(4), want)
