@@ -12,7 +12,7 @@ import torch
 from gpt.config import PRESETS, GPTConfig
 
 from .checkpoint import CheckpointError
-from .config import TrainConfig, resolve_config
+from .config import TRAIN_PRESETS, TrainConfig, resolve_config
 from .data import DataError
 from .loop import Trainer, TrainingError
 
@@ -22,7 +22,7 @@ HELP = {
     "tokenizer": "char | bpe | gpt2", "vocab_size": "bpe vocabulary size (default 8192)",
     "device": "auto | cpu | cuda | cuda:N | mps", "dtype": "auto | float32 | bfloat16 | float16",
     "time_budget": "minutes of wall clock; ends cleanly and fits the LR schedule to it",
-    "resume": f"continue exactly from OUT_DIR/ckpt.pt", "compile": "torch.compile the model",
+    "resume": "continue exactly from OUT_DIR/ckpt.pt", "compile": "torch.compile the model",
 }
 # Model fields that are set through train flags (kernels) or the tokenizer (vocab_size) instead.
 SKIP_MODEL = {"kernels", "vocab_size", "gradient_checkpointing"}
@@ -41,8 +41,8 @@ def _type_of(f):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train", description="Train a GPT (see README.md).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m train", description="Train a GPT (see README.md). Settings: "
+                                "defaults < the preset's training defaults (train/config.py) < --config < flags.")
     p.add_argument("--config", help="a .toml or .py file setting the same names as these flags")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train = p.add_argument_group("training")
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         conv = _type_of(f)
         default = f.default if f.default is not MISSING else None
-        help_ = HELP.get(f.name, "") + f" (default: {default})"
+        preset_note = " or the preset's" if any(f.name in d for d in TRAIN_PRESETS.values()) else ""
+        help_ = (HELP.get(f.name, "") + f" (default: {default}{preset_note})").strip()
         if conv is bool:
             train.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
@@ -65,10 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name in SKIP_MODEL:
             continue
         conv = _type_of(f)
+        help_ = f"GPTConfig.{f.name} (default: the preset's)"
         if conv is bool:
-            model.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, dest=f"model.{f.name}")
+            model.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None,
+                               dest=f"model.{f.name}", help=help_)
         else:
-            model.add_argument(_flag(f.name), type=conv, default=None, dest=f"model.{f.name}")
+            model.add_argument(_flag(f.name), type=conv, default=None, dest=f"model.{f.name}",
+                               metavar=f.name.upper(), help=help_)
     p.set_defaults(argument_default=argparse.SUPPRESS)
     return p
 
