@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from dataclasses import MISSING, fields
 
@@ -92,13 +91,7 @@ def parse(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     return resolve_config(cli, args.config), args
 
 
-def _sigterm_as_interrupt(signum, frame):
-    # Schedulers and `kill` send SIGTERM: save a checkpoint exactly as Ctrl-C does.
-    raise KeyboardInterrupt
-
-
 def main(argv=None) -> int:
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         cfg, args = parse(argv)
         print("config: " + json.dumps(cfg.to_dict(), sort_keys=True), flush=True)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,8 +180,16 @@ class Trainer:
         window_t, window_tokens, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
         self.model.train()
         stop_reason = "max_iters"
+        saved_at_interrupt = False
+        previous_handlers = self._install_signal_handlers()
         try:
             while st.iter < cfg.max_iters:
+                if self._stop_signal is not None:
+                    # Ctrl-C / SIGTERM arrived during the last step: stop at this boundary, exactly resumable.
+                    st.elapsed = time.perf_counter() - t_start
+                    self.save()
+                    saved_at_interrupt = True
+                    raise KeyboardInterrupt
                 if stop_at is not None and st.iter >= stop_at:
                     st.elapsed = time.perf_counter() - t_start
                     self.save()
@@ -200,9 +210,11 @@ class Trainer:
                 try:
                     loss = self._step()
                 except KeyboardInterrupt:
+                    # Mid-step (a second Ctrl-C, or no handler in this thread): drop the partial step.
                     self.optimizer.zero_grad(set_to_none=True)
                     st.elapsed = time.perf_counter() - t_start
                     self.save(data_rng=data_rng, torch_rng=torch_rng)
+                    saved_at_interrupt = True
                     raise
                 st.iter += 1
                 st.tokens += tokens_per_step
@@ -239,15 +251,38 @@ class Trainer:
             _write(bar, f"done ({stop_reason}): {st.iter} iters, {st.tokens:,} tokens in {_hms(st.elapsed)}; "
                         f"val loss {last_eval['val_loss']:.4f} (best {st.best_val:.4f}); checkpoint {self.ckpt_path}")
         except KeyboardInterrupt:
+            if not saved_at_interrupt:  # between steps (logging, eval): the state is consistent as it is
+                st.elapsed = time.perf_counter() - t_start
+                self.save()
             print(f"\ninterrupted: checkpoint saved to {self.ckpt_path} at iter {st.iter}; "
                   f"continue with --resume", file=sys.stderr)
             raise
         finally:
+            self._restore_signal_handlers(previous_handlers)
             if bar is not None:
                 bar.close()
             metrics_file.close()
         return {"iters": st.iter, "tokens": st.tokens, "elapsed": st.elapsed, **last_eval,
                 "best_val_loss": st.best_val, "stop_reason": stop_reason}
+
+    def _install_signal_handlers(self) -> dict:
+        """SIGINT/SIGTERM set a flag that the loop honours at the next step boundary; a second one
+        interrupts at once. Only the main thread can own signal handlers."""
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop now)", file=sys.stderr)
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict) -> None:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
     def _step(self) -> float:
         cfg = self.cfg
