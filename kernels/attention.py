@@ -7,8 +7,11 @@ and autograd registrations (so `torch.compile(fullgraph=True)` traces through th
 
 Shapes: q (B, H, Tq, D), k/v (B, Hkv, Tk, D), H % Hkv == 0; query head h reads K/V head h // (H // Hkv).
 Causal masking is end-aligned: query i sees keys j <= Tk - Tq + i (KV-cache prefill and decode).
-The log-sum-exp saved per query row is in natural-log units, (B, H, Tq) fp32; a row that sees no key
-(only possible when Tq > Tk) has output 0 and log-sum-exp -inf, like `kernels.reference`.
+The kernels save the log-sum-exp per query row in base 2, lse2 = log2 sum_j 2^(s_ij scale log2(e)) =
+lse / ln(2), (B, H, Tq) fp32: the backward recomputes P = exp2(s scale log2(e) - lse2) from exactly the
+numbers the forward used (a natural-log round trip costs ~1e-7 relative in P, visible in fp32 tests).
+`attention_with_lse` returns the natural-log value. A row that sees no key (only possible when Tq > Tk)
+has output 0 and log-sum-exp -inf, like `kernels.reference`.
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ from kernels._runtime import CompileSpec, TORCH_TO_TL_NAME, check_tensor, interp
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
 # Globals read inside @triton.jit functions must be constexpr.
+LN2 = 0.6931471805599453
 _LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -101,7 +104,8 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """O = softmax(Q K^T * scale [+ causal mask]) V for one (query block, batch*head); LSE = log sum exp per row."""
+    """O = softmax(Q K^T * scale [+ causal mask]) V for one (query block, batch*head); LSE = base-2
+    log-sum-exp per row."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     # Index arithmetic in int32 (int64 division is a subroutine call with a stack frame), offsets in int64.
@@ -150,7 +154,7 @@ def _attn_fwd_kernel(
     row_ok = offs_m < Tq
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
              o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
-    lse = (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * _LN2  # -inf for a row that sees no key
+    lse = m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))  # -inf for a row that sees no key
     tl.store(LSE + row0 + offs_m, lse, mask=row_ok)
 
 
@@ -213,7 +217,7 @@ def _attn_decode_kernel(
     row_ok = t < Tq
     tl.store(O + pid_s * stride_os + b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_ot
              + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
-    lse = (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * _LN2
+    lse = m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))
     tl.store(LSE + pid_s * stride_ls + b * stride_lb + h * stride_lh + t, lse, mask=row_ok)
 
 
@@ -224,7 +228,7 @@ def _attn_combine_kernel(
     H, Tq, n_rows, n_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Merge split-KV partials: lse = log sum_s exp(lse_s); o = sum_s exp(lse_s - lse) o_s.
+    """Merge split-KV partials (base-2 log-sum-exps): lse = log2 sum_s 2^lse_s; o = sum_s 2^(lse_s - lse) o_s.
 
     Partials are contiguous fp32, O_PART (n_splits, n_rows, HEAD_DIM) and LSE_PART (n_splits, n_rows),
     with rows flattened as (b, h, t).
@@ -237,12 +241,12 @@ def _attn_combine_kernel(
     lse_max = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     for s in range(n_splits):
         lse_max = tl.maximum(lse_max, tl.load(LSE_PART + s * n_rows + rows, mask=row_ok, other=float("-inf")))
-    # Rows that see no key in any split: subtract 0 so the weights are exp(-inf) = 0; their lse stays -inf.
+    # Rows that see no key in any split: subtract 0 so the weights are exp2(-inf) = 0; their lse stays -inf.
     m = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     w_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     for s in range(n_splits):
-        w = tl.exp(tl.load(LSE_PART + s * n_rows + rows, mask=row_ok, other=float("-inf")) - m)
+        w = tl.math.exp2(tl.load(LSE_PART + s * n_rows + rows, mask=row_ok, other=float("-inf")) - m)
         o_s = tl.load(O_PART + (s * n_rows + rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
         w_sum += w
         acc += w[:, None] * o_s
@@ -252,7 +256,7 @@ def _attn_combine_kernel(
     bh = rows // Tq
     o_ptrs = O + (bh // H).to(tl.int64) * stride_ob + (bh % H).to(tl.int64) * stride_oh + t * stride_ot
     tl.store(o_ptrs[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=mask)
-    lse = tl.where(w_sum == 0.0, float("-inf"), m + tl.log(tl.where(w_sum == 0.0, 1.0, w_sum)))
+    lse = tl.where(w_sum == 0.0, float("-inf"), m + tl.math.log2(tl.where(w_sum == 0.0, 1.0, w_sum)))
     tl.store(LSE + rows, lse, mask=row_ok)
 
 
@@ -263,8 +267,8 @@ def _attn_bwd_preprocess_kernel(
     H, Tq,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) in fp32 (minus dLSE when the log-sum-exp output has a gradient:
-    d lse / d s = P, so it folds into dS = P (dP - delta))."""
+    """delta = rowsum(dO * O) in fp32, minus dlse when the log-sum-exp output has a gradient: d lse / d s = P,
+    so it folds into dS = P (dP - delta). DLSE is the gradient of the base-2 lse2, so dlse = DLSE * log2(e)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -279,7 +283,7 @@ def _attn_bwd_preprocess_kernel(
                  mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
-        delta -= tl.load(DLSE + row0 + offs_m, mask=offs_m < Tq, other=0.0)
+        delta -= tl.load(DLSE + row0 + offs_m, mask=offs_m < Tq, other=0.0) * _LOG2E
     tl.store(DELTA + row0 + offs_m, delta, mask=offs_m < Tq)
 
 
@@ -289,7 +293,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
                          BLOCK_M: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr,
                          UPCAST: tl.constexpr):
     """Accumulate dV += P^T dO and dK += dS^T Q over query blocks [lo, hi) of one query head,
-    recomputing P^T = exp2(K Q^T * scale * log2(e) - lse * log2(e)) from the saved log-sum-exp.
+    recomputing P^T = exp2(K Q^T * scale * log2(e) - lse2) from the saved base-2 log-sum-exp.
 
     Only the causal diagonal needs MASK. Query rows past Tq load q = dO = lse = delta = 0, so they add
     exactly 0 to dK and dV; key rows past Tk produce rows of dK/dV that are never stored.
@@ -305,7 +309,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
             q = q.to(tl.float32)
             do = do.to(tl.float32)
         s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M)
-        p_t = tl.math.exp2(s_t - lse[None, :] * _LOG2E)
+        p_t = tl.math.exp2(s_t - lse[None, :])
         if MASK:
             # tl.where, not a multiply: a row that sees no key has lse = -inf and exp2 gives inf there.
             p_t = tl.where(cols[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
@@ -450,7 +454,7 @@ def _attn_bwd_dq_kernel(
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + row0 + offs_m, mask=row_ok, other=0.0) * _LOG2E
+    lse = tl.load(LSE + row0 + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row0 + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
@@ -604,7 +608,7 @@ def _grad_like(t: torch.Tensor) -> torch.Tensor:
 
 def _new_out_lse(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Output laid out as (B, Tq, H, D) in memory and returned as a (B, H, Tq, D) view, so the model's
-    transpose(1, 2).reshape(B, T, H * D) after attention is free; lse (B, H, Tq) fp32."""
+    transpose(1, 2).reshape(B, T, H * D) after attention is free; lse2 (B, H, Tq) fp32."""
     B, H, Tq, D = q.shape
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
@@ -613,7 +617,8 @@ def _new_out_lse(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
                   *, config: Config | None = None, split_kv: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward launcher. q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> out (B, H, Tq, D), lse (B, H, Tq) fp32 (natural log).
+    """Forward launcher. q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> out (B, H, Tq, D), lse2 (B, H, Tq) fp32, the
+    base-2 log-sum-exp of the scaled scores (natural log-sum-exp / ln 2).
 
     split_kv: None picks the path (split-KV decode when Tq <= DECODE_MAX_TQ and (H // Hkv) * Tq <= DECODE_MAX_ROWS,
     else the FlashAttention-2 forward); 0 forces the FlashAttention-2 forward; n >= 1 forces the decode kernel
@@ -676,7 +681,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, causal: bool = True, scale: float | None = None, dlse: torch.Tensor | None = None,
                   *, config: tuple[Config, Config] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward launcher: (dq, dk, dv) shaped like q, k, v from do/out (B, H, Tq, D) and lse/dlse (B, H, Tq) fp32.
+    """Backward launcher: (dq, dk, dv) shaped like q, k, v from do/out (B, H, Tq, D), lse (B, H, Tq) fp32 as
+    returned by attention_fwd (base 2) and optionally dlse, the gradient with respect to that lse.
 
     config overrides the (dK/dV kernel, dQ kernel) block configs (tests).
     """
@@ -775,22 +781,27 @@ _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # Public API
 # ----------------------------------------------------------------------------------------------------------
 
+def _attention_op(q, k, v, causal, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    _validate(q, k, v)
+    return _attention_fwd_op(q, k, v, bool(causal), _resolve_scale(scale, q.shape[-1]))
+
+
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                        scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention` that also returns the log-sum-exp of the scaled scores per query row, (B, H, Tq) fp32,
     natural log (`kernels.reference.attention_lse`). Differentiable in q, k, v through both outputs."""
-    _validate(q, k, v)
-    return _attention_fwd_op(q, k, v, bool(causal), _resolve_scale(scale, q.shape[-1]))
+    out, lse2 = _attention_op(q, k, v, causal, scale)
+    return out, lse2 * LN2
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale [+ end-aligned causal mask]) v with grouped-query heads.
 
-    q (B, H, Tq, D), k/v (B, Hkv, Tk, D), H % Hkv == 0, D <= 128; fp16, bf16 or fp32, any strides.
-    Returns (B, H, Tq, D) in q's dtype. Default scale 1/sqrt(D). Differentiable in q, k and v.
+    q (B, H, Tq, D), k/v (B, Hkv, Tk, D), H % Hkv == 0, D <= 128; fp16 or bf16 (fp32 in the interpreter),
+    any strides. Returns (B, H, Tq, D) in q's dtype. Default scale 1/sqrt(D). Differentiable in q, k and v.
     """
-    return attention_with_lse(q, k, v, causal, scale)[0]
+    return _attention_op(q, k, v, causal, scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
