@@ -841,19 +841,19 @@ def compile_specs(quick: bool = False) -> list[CompileSpec]:
             flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_CAUSAL=causal, UPCAST=False)
             case = f"D={head_dim} {dt} {'causal' if causal else 'full'}"
 
-            def add(name, fn, cfg, pointers, floats):
+            def add(fn, cfg, pointers, floats):
                 constexprs = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-                specs.append(CompileSpec(name, fn, _signature(fn, pointers, floats, constexprs), constexprs,
+                specs.append(CompileSpec(fn.__name__, fn, _signature(fn, pointers, floats, constexprs), constexprs,
                                          cfg.num_warps, cfg.num_stages,
                                          f"{case} BM={cfg.block_m} BN={cfg.block_n}", expects_mma=True))
 
             io = {"Q": dt, "K": dt, "V": dt, "O": dt, "LSE": "fp32"}
-            add("attention_fwd", _attn_fwd_kernel, FWD_CONFIGS[block_d], io, ("qk_scale",))
+            add(_attn_fwd_kernel, FWD_CONFIGS[block_d], io, ("qk_scale",))
             for block_m in () if quick and dtype != torch.bfloat16 else (16, 64) if quick else (16, 32, 64):
-                add("attention_decode", _attn_decode_kernel, DECODE_CONFIGS[block_d, block_m], io, ("qk_scale",))
+                add(_attn_decode_kernel, DECODE_CONFIGS[block_d, block_m], io, ("qk_scale",))
             grads = {"Q": dt, "K": dt, "V": dt, "DO": dt, "LSE": "fp32", "DELTA": "fp32", "DQ": dt, "DK": dt, "DV": dt}
-            add("attention_bwd_dkdv", _attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS[block_d], grads, ("sm_scale", "qk_scale"))
-            add("attention_bwd_dq", _attn_bwd_dq_kernel, BWD_DQ_CONFIGS[block_d], grads, ("sm_scale", "qk_scale"))
+            add(_attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS[block_d], grads, ("sm_scale", "qk_scale"))
+            add(_attn_bwd_dq_kernel, BWD_DQ_CONFIGS[block_d], grads, ("sm_scale", "qk_scale"))
 
         # The row-wise kernels do not depend on the mask.
         if quick and dtype != torch.bfloat16:
@@ -862,13 +862,13 @@ def compile_specs(quick: bool = False) -> list[CompileSpec]:
             constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_BLOCK_M, HAS_DLSE=has_dlse)
             fn = _attn_bwd_preprocess_kernel
             specs.append(CompileSpec(
-                "attention_bwd_preprocess", fn,
+                fn.__name__, fn,
                 _signature(fn, {"O": dt, "DO": dt, "DLSE": "fp32", "DELTA": "fp32"}, (), constexprs),
                 constexprs, 4, 1, f"D={head_dim} {dt} BM={_PREPROCESS_BLOCK_M} dlse={has_dlse}"))
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=_COMBINE_BLOCK_R)
         fn = _attn_combine_kernel
         specs.append(CompileSpec(
-            "attention_decode_combine", fn,
+            fn.__name__, fn,
             _signature(fn, {"O_PART": "fp32", "LSE_PART": "fp32", "O": dt, "LSE": "fp32"}, (), constexprs),
             constexprs, 4, 1, f"D={head_dim} {dt} BR={_COMBINE_BLOCK_R}"))
     return specs

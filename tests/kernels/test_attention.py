@@ -271,8 +271,8 @@ def test_compile_specs_cover_every_kernel():
     head dims 64 and 128, and for the tensor-core kernels every table config."""
     specs = attn.compile_specs(quick=True)
     kernels = {s.kernel for s in specs}
-    assert kernels == {"attention_fwd", "attention_decode", "attention_decode_combine", "attention_bwd_preprocess",
-                       "attention_bwd_dkdv", "attention_bwd_dq"}
+    assert kernels == {"_attn_fwd_kernel", "_attn_decode_kernel", "_attn_combine_kernel",
+                       "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
     for s in specs:
         assert set(s.signature) == set(s.fn.arg_names)
     labels = " ".join(s.label for s in specs)
@@ -281,10 +281,10 @@ def test_compile_specs_cover_every_kernel():
     full = attn.compile_specs()
     launched = {(s.kernel, s.constexprs["BLOCK_D"], s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps,
                  s.num_stages) for s in full if "BLOCK_N" in s.constexprs}
-    tables = [("attention_fwd", d, cfg) for d, cfg in attn.FWD_CONFIGS.items()]
-    tables += [("attention_bwd_dkdv", d, cfg) for d, cfg in attn.BWD_DKDV_CONFIGS.items()]
-    tables += [("attention_bwd_dq", d, cfg) for d, cfg in attn.BWD_DQ_CONFIGS.items()]
-    tables += [("attention_decode", d, cfg) for (d, _), cfg in attn.DECODE_CONFIGS.items()]
+    tables = [("_attn_fwd_kernel", d, cfg) for d, cfg in attn.FWD_CONFIGS.items()]
+    tables += [("_attn_bwd_dkdv_kernel", d, cfg) for d, cfg in attn.BWD_DKDV_CONFIGS.items()]
+    tables += [("_attn_bwd_dq_kernel", d, cfg) for d, cfg in attn.BWD_DQ_CONFIGS.items()]
+    tables += [("_attn_decode_kernel", d, cfg) for (d, _), cfg in attn.DECODE_CONFIGS.items()]
     for name, block_d, cfg in tables:
         assert (name, block_d, *cfg) in launched, (name, block_d, cfg)
 
