@@ -7,6 +7,8 @@ Both paths have the same signatures and layouts (DESIGN.md section 2).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -77,6 +79,15 @@ def torch_swiglu_packed(gate_up):
     return F.silu(gate) * up
 
 
+_WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
 class TorchOps:
     """PyTorch path: PyTorch's own fused ops for the row-wise math, SDPA for attention.
     Same semantics as kernels/reference.py; intermediate rounding may differ in bf16/fp16."""
@@ -120,6 +131,12 @@ class TritonOps:
 
     @staticmethod
     def attention(q, k, v, causal=True, scale=None):
+        if q.dtype == torch.float32 and q.is_cuda:
+            # The flash kernels are fp16/bf16 only on GPUs (fp32 tiles spill and miss the tensor cores);
+            # fp32 runs (--dtype float32) take SDPA for attention and keep the Triton row-wise ops.
+            _warn_once("kernels='triton': fp32 attention on CUDA uses SDPA; train with --dtype bfloat16 "
+                       "(the default) to use the Triton flash attention")
+            return sdpa_attention(q, k, v, causal=causal, scale=scale)
         from kernels.attention import attention
         return attention(q, k, v, causal=causal, scale=scale)
 

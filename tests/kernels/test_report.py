@@ -32,7 +32,8 @@ EXPECTED_KERNELS = {
     "kernels.rms_norm": {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel"},
     "kernels.rope": {"_rope_kernel"},
     "kernels.swiglu": {"_swiglu_fwd_kernel", "_swiglu_bwd_kernel"},
-    "kernels.attention": set(),
+    "kernels.attention": {"_attn_fwd_kernel", "_attn_decode_kernel", "_attn_combine_kernel",
+                          "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"},
 }
 
 
