@@ -76,3 +76,17 @@ class CompileSpec:
 
     def __repr__(self):
         return f"CompileSpec({self.kernel}, {self.label}, warps={self.num_warps}, stages={self.num_stages})"
+
+
+def compile_signature(fn, pointers: dict, floats=(), constexprs=()) -> dict:
+    """A CompileSpec signature for `fn`: `pointers` maps argument -> element type ("bf16"), `floats`
+    are fp32 scalars, `constexprs` are typed "constexpr", every other argument (sizes, strides) i32."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = "*" + pointers[name]
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    return sig

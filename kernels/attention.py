@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import CompileSpec, TORCH_TO_TL_NAME, check_tensor, interpreting
+from kernels._runtime import CompileSpec, TORCH_TO_TL_NAME, check_tensor, compile_signature, interpreting
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -808,22 +808,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 # Compile report (python -m kernels.report)
 # ----------------------------------------------------------------------------------------------------------
 
-def _signature(fn, pointers: dict, floats: tuple, constexprs: dict) -> dict:
-    """Triton signature of `fn`: pointer args from `pointers` (name -> element type), `floats` as fp32,
-    constexprs as such, every other argument (strides, sizes) i32."""
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = "*" + pointers[name]
-        elif name in floats:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
 def compile_specs(quick: bool = False) -> list[CompileSpec]:
     """Every kernel configuration the launchers can pick on a GPU.
 
@@ -843,7 +827,7 @@ def compile_specs(quick: bool = False) -> list[CompileSpec]:
 
             def add(fn, cfg, pointers, floats):
                 constexprs = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-                specs.append(CompileSpec(fn.__name__, fn, _signature(fn, pointers, floats, constexprs), constexprs,
+                specs.append(CompileSpec(fn.__name__, fn, compile_signature(fn, pointers, floats, constexprs), constexprs,
                                          cfg.num_warps, cfg.num_stages,
                                          f"{case} BM={cfg.block_m} BN={cfg.block_n}", expects_mma=True))
 
@@ -863,12 +847,12 @@ def compile_specs(quick: bool = False) -> list[CompileSpec]:
             fn = _attn_bwd_preprocess_kernel
             specs.append(CompileSpec(
                 fn.__name__, fn,
-                _signature(fn, {"O": dt, "DO": dt, "DLSE": "fp32", "DELTA": "fp32"}, (), constexprs),
+                compile_signature(fn, {"O": dt, "DO": dt, "DLSE": "fp32", "DELTA": "fp32"}, (), constexprs),
                 constexprs, 4, 1, f"D={head_dim} {dt} BM={_PREPROCESS_BLOCK_M} dlse={has_dlse}"))
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=_COMBINE_BLOCK_R)
         fn = _attn_combine_kernel
         specs.append(CompileSpec(
             fn.__name__, fn,
-            _signature(fn, {"O_PART": "fp32", "LSE_PART": "fp32", "O": dt, "LSE": "fp32"}, (), constexprs),
+            compile_signature(fn, {"O_PART": "fp32", "LSE_PART": "fp32", "O": dt, "LSE": "fp32"}, (), constexprs),
             constexprs, 4, 1, f"D={head_dim} {dt} BR={_COMBINE_BLOCK_R}"))
     return specs

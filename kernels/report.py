@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from ._runtime import interpreting
+from ._runtime import compile_signature, interpreting
 
 MODULES = ("kernels.rms_norm", "kernels.rope", "kernels.swiglu", "kernels.attention")
 # Largest dynamic shared memory per block (opt-in), bytes: A100 163 KB, H100 227 KB.
@@ -75,18 +75,7 @@ def _full_signature(spec) -> dict:
     return {a: sig[a] for a in spec.fn.arg_names}
 
 
-def signature(fn, pointers: dict, floats=(), constexprs=()) -> dict:
-    """A CompileSpec signature for `fn`: `pointers` maps argument -> element type ("bf16"), `floats`
-    are fp32 scalars, `constexprs` are typed "constexpr", every other argument (sizes, strides) i32."""
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = "*" + pointers[name]
-        else:
-            sig[name] = "fp32" if name in floats else "i32"
-    return sig
+signature = compile_signature  # kernel modules build their CompileSpec signatures with it
 
 
 def aligned(spec, divisible: bool = True, sizes=()):
