@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .runtime import DTYPES, autocast
+from .runtime import autocast
 
 
 class KVCache:
@@ -151,4 +151,4 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.T
     return torch.cat([idx, *new], dim=1) if new else idx
 
 
-__all__ = ["KVCache", "apply_top_k", "apply_top_p", "sample_next", "generate_stream", "generate", "DTYPES"]
+__all__ = ["KVCache", "apply_top_k", "apply_top_p", "sample_next", "generate_stream", "generate"]

@@ -72,7 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             model.add_argument(_flag(f.name), type=conv, default=None, dest=f"model.{f.name}",
                                metavar=f.name.upper(), help=help_)
-    p.set_defaults(argument_default=argparse.SUPPRESS)
     return p
 
 
@@ -80,7 +79,7 @@ def parse(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     args = build_parser().parse_args(argv)
     cli: dict = {"model": {}}
     for k, v in vars(args).items():
-        if v is None or k in ("config", "print_config", "argument_default"):
+        if v is None or k in ("config", "print_config"):
             continue
         if k.startswith("model."):
             cli["model"][k[len("model."):]] = v

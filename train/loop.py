@@ -247,7 +247,7 @@ class Trainer:
                     last_eval = self._eval_and_save(metrics_file, bar, t_start)
                     window_t = time.perf_counter()
             st.elapsed = time.perf_counter() - t_start
-            last_eval = self._eval_and_save(metrics_file, bar, t_start, final=True)
+            last_eval = self._eval_and_save(metrics_file, bar, t_start)
             _write(bar, f"done ({stop_reason}): {st.iter} iters, {st.tokens:,} tokens in {_hms(st.elapsed)}; "
                         f"val loss {last_eval['val_loss']:.4f} (best {st.best_val:.4f}); checkpoint {self.ckpt_path}")
         except KeyboardInterrupt:
@@ -302,7 +302,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total / cfg.grad_accum
 
-    def _eval_and_save(self, metrics_file, bar, t_start: float, final: bool = False) -> dict:
+    def _eval_and_save(self, metrics_file, bar, t_start: float) -> dict:
         st = self.state
         t0 = time.perf_counter()
         ev = self.evaluate()
