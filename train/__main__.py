@@ -14,6 +14,7 @@ from .checkpoint import CheckpointError
 from .config import TRAIN_PRESETS, TrainConfig, resolve_config
 from .data import DataError
 from .loop import Trainer, TrainingError
+from .optim import OPTIMIZERS
 
 HELP = {
     "preset": f"model size: {', '.join(PRESETS)}", "kernels": "auto | triton | torch",
@@ -22,7 +23,9 @@ HELP = {
     "device": "auto | cpu | cuda | cuda:N | mps", "dtype": "auto | float32 | bfloat16 | float16",
     "time_budget": "minutes of wall clock; ends cleanly and fits the LR schedule to it",
     "resume": "continue exactly from OUT_DIR/ckpt.pt", "compile": "torch.compile the model",
+    "optimizer": "adamw | muon (Muon for the blocks' matrices at --matrix-lr, AdamW at --lr for the rest)",
 }
+CHOICES = {"preset": list(PRESETS), "optimizer": list(OPTIMIZERS)}
 # Model fields that are set through train flags (kernels) or the tokenizer (vocab_size) instead.
 SKIP_MODEL = {"kernels", "vocab_size", "gradient_checkpointing"}
 
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
             train.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             train.add_argument(_flag(f.name), type=conv, default=None, help=help_,
-                               **({"choices": list(PRESETS)} if f.name == "preset" else {}))
+                               **({"choices": CHOICES[f.name]} if f.name in CHOICES else {}))
     train.add_argument("--data", dest="dataset", default=None, help=argparse.SUPPRESS)
     train.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                        help="recompute each block in the backward (less memory, ~30%% more compute)")

@@ -24,10 +24,13 @@ class TrainConfig:
     hf_split: str = "train"
     text_field: str = "text"
     # optimisation
+    optimizer: str = "adamw"           # adamw | muon (Muon for the blocks' matrices, AdamW for the rest; train/optim.py)
     batch_size: int = 32               # sequences per micro-batch
     grad_accum: int = 1                # micro-batches per optimizer step
     max_iters: int = 2000              # optimizer steps (the schedule's length unless time_budget ends sooner)
-    lr: float = 1e-3                   # peak learning rate
+    lr: float = 1e-3                   # peak learning rate (AdamW; with muon: the embedding, head and norms)
+    matrix_lr: float = 0.02            # peak learning rate of Muon's matrices (optimizer = "muon")
+    momentum: float = 0.95             # Muon's Nesterov momentum
     min_lr: float = 1e-4               # cosine floor
     warmup_iters: int = 100            # linear warmup steps
     weight_decay: float = 0.1          # on 2-D weights only
@@ -64,6 +67,11 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        from .optim import OPTIMIZERS
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.matrix_lr <= 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"need matrix_lr > 0 and 0 <= momentum < 1, got {self.matrix_lr}, {self.momentum}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if self.time_budget is not None and self.time_budget <= 0:

@@ -18,6 +18,7 @@ from gpt.runtime import autocast, dtype_name, peak_flops, resolve_device, resolv
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import prepare_dataset
+from .optim import MuonAdamW, muon_groups
 
 # Model fields that may differ between a checkpoint and the run resuming it (they change how, not what).
 RESUMABLE_DIFFERENCES = {"kernels", "gradient_checkpointing", "dropout"}
@@ -38,14 +39,20 @@ def lr_at(cfg: TrainConfig, it: int, progress: float) -> float:
     return cfg.lr * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, weight decay on matrices (>= 2-D) only; fused kernels on CUDA, foreach elsewhere."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """cfg.optimizer "adamw": AdamW, weight decay on matrices (>= 2-D) only, fused kernels on CUDA,
+    foreach elsewhere. "muon": Muon for the blocks' matrices at cfg.matrix_lr, AdamW at cfg.lr for the
+    rest (train/optim.py). Each group starts at its peak rate; the schedule scales that."""
+    if cfg.optimizer == "muon":
+        groups = muon_groups(model, cfg.matrix_lr, cfg.lr, cfg.weight_decay)
+        opt = MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), momentum=cfg.momentum)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+    return opt
 
 
 @dataclass
@@ -95,6 +102,8 @@ class Trainer:
 
         self.model = GPT(self.model_config).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
+        # Peak rate per group, from this run's config (a resumed run may change --lr).
+        self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.state = RunState()
@@ -112,6 +121,10 @@ class Trainer:
         if ck["tokenizer"] != self.tokenizer.to_dict():
             raise CheckpointError(f"checkpoint {self.ckpt_path} used a different tokenizer or vocabulary than "
                                   f"this dataset; resume with the same --dataset/--tokenizer, or use a new --out-dir")
+        saved_opt = ck.get("train_config", {}).get("optimizer", "adamw")
+        if saved_opt != self.cfg.optimizer:
+            raise CheckpointError(f"checkpoint {self.ckpt_path} was trained with --optimizer {saved_opt}; resume with "
+                                  f"--optimizer {saved_opt}, or use a new --out-dir to start fresh")
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         if ck.get("scaler"):
@@ -205,8 +218,8 @@ class Trainer:
                 if budget is not None:
                     progress = max(progress, elapsed / max(budget - self._eval_seconds, 1e-9))
                 lr = lr_at(cfg, st.iter, progress)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
+                    group["lr"] = peak * lr / cfg.lr
                 try:
                     loss = self._step()
                 except KeyboardInterrupt:

@@ -38,8 +38,9 @@ def train_losses(out_dir) -> dict[int, float]:
     return losses
 
 
-def test_training_lowers_the_loss(tmp_path, data_dir):
-    result = Trainer(cfg_for(tmp_path, data_dir, max_iters=60, eval_interval=60)).train()
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_training_lowers_the_loss(tmp_path, data_dir, optimizer):
+    result = Trainer(cfg_for(tmp_path, data_dir, max_iters=60, eval_interval=60, optimizer=optimizer)).train()
     losses = train_losses(tmp_path / "out")
     # 75 characters: a uniform guess is ln(75) = 4.32; character frequencies alone give ~3.3.
     assert losses[1] > 4.0 and result["val_loss"] < 3.2, (losses[1], result)
@@ -47,12 +48,13 @@ def test_training_lowers_the_loss(tmp_path, data_dir):
     assert (tmp_path / "out" / "ckpt_best.pt").exists()
 
 
-def test_resume_continues_exactly(tmp_path, data_dir):
-    straight = cfg_for(tmp_path / "a", data_dir, model=dict(SMALL_MODEL, dropout=0.1))
-    Trainer(straight).train()
-    paused = cfg_for(tmp_path / "b", data_dir, model=dict(SMALL_MODEL, dropout=0.1))
-    assert Trainer(paused).train(stop_at=13)["iters"] == 13
-    resumed = cfg_for(tmp_path / "b", data_dir, model=dict(SMALL_MODEL, dropout=0.1), resume=True)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(tmp_path, data_dir, optimizer):
+    run = lambda sub, **kw: cfg_for(tmp_path / sub, data_dir, model=dict(SMALL_MODEL, dropout=0.1),
+                                    optimizer=optimizer, **kw)
+    Trainer(run("a")).train()
+    assert Trainer(run("b")).train(stop_at=13)["iters"] == 13
+    resumed = run("b", resume=True)
     Trainer(resumed).train()
     a, b = train_losses(tmp_path / "a" / "out"), train_losses(tmp_path / "b" / "out")
     assert sorted(a) == sorted(b) == list(range(1, 21))
@@ -131,6 +133,8 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, data_dir):
     Trainer(cfg_for(tmp_path, data_dir)).train(stop_at=2)
     with pytest.raises(CheckpointError, match="different model: n_layer=2 .*this run: 3"):
         Trainer(cfg_for(tmp_path, data_dir, resume=True, model=dict(SMALL_MODEL, n_layer=3)))
+    with pytest.raises(CheckpointError, match="trained with --optimizer adamw; resume with --optimizer adamw"):
+        Trainer(cfg_for(tmp_path, data_dir, resume=True, optimizer="muon"))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
@@ -213,11 +217,13 @@ def test_cli_train_then_sample_end_to_end(tmp_path, data_dir):
     assert "does not know: 'ï' '€'" in inter.stderr
 
 
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--preset", "huge"], "invalid choice: 'huge'"),
     (["train", "--resume", "--out-dir", "nowhere"], "error: --resume: no checkpoint at nowhere/ckpt.pt"),
     (["train", "--kernels", "triton", "--device", "cpu", "--max-iters", "1"], "kernels='triton' cannot run here"),
     (["gpt.sample", "--ckpt", "missing.pt"], "error: checkpoint missing.pt does not exist"),
+    (["train", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
 ])
 def test_cli_bad_input_is_one_clear_line(tmp_path, data_dir, args, message):
     if args[0] == "train":

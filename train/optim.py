@@ -1,0 +1,144 @@
+"""Optimizers: AdamW, and Muon for the blocks' weight matrices with AdamW for everything else.
+
+Muon (Keller Jordan et al., 2024; used by modded-nanogpt's speedruns and nanochat) takes the
+momentum of a matrix's gradient and replaces it by the nearest semi-orthogonal matrix, U V^T of its
+SVD, computed approximately with a few Newton-Schulz iterations. Every direction of the update then
+moves by the same amount, so rare directions are not drowned by the dominant ones. It applies to
+the 2-D weights inside the blocks; the embedding (tied to the output head here) and the norm gains
+keep AdamW. One optimizer object holds both kinds of group, so GradScaler, checkpoints and the LR
+schedule treat it like any other optimizer.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from gpt import GPT
+
+OPTIMIZERS = ("adamw", "muon")
+
+# Quintic Newton-Schulz coefficients from Keller Jordan's Muon: chosen so that the iteration pushes
+# every singular value in (0, 1] into about [0.7, 1.2] within five steps (it does not converge to
+# exactly 1; Muon does not need it to).
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T, by Newton-Schulz in bf16; g is a matrix or a stack of
+    matrices (..., rows, cols), each orthogonalized on its own. Returns g's dtype."""
+    a, b, c = NS_COEFFS
+    x = g.to(torch.bfloat16)
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the wide orientation: the Gram matrix x x^T is then the smaller one
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if tall:
+        x = x.mT
+    return x.to(g.dtype)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on groups with ``muon=True``, AdamW on the rest.
+
+    Muon group: momentum (Nesterov) on the gradient, then each row block named in ``splits`` of the
+    parameter (e.g. the q, k and v parts of a packed projection) is orthogonalized on its own and
+    scaled by sqrt(max(1, rows / cols)), which makes the update's RMS entry 1/sqrt(cols) whatever
+    the aspect ratio; decoupled weight decay ``lr * weight_decay``. AdamW group: the usual update with
+    bias correction and decoupled weight decay.
+    """
+
+    def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
+                 momentum: float = 0.95, ns_steps: int = 5):
+        defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, ns_steps=ns_steps, weight_decay=0.0,
+                        muon=False, splits=None)
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["muon"]:
+                self._muon(group)
+            else:
+                self._adamw(group)
+        return loss
+
+    def _muon(self, group: dict) -> None:
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        params, by_shape = [], defaultdict(list)  # matrices of one shape are orthogonalized in one batch
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - mu)
+            g = p.grad.lerp(buf, mu)  # Nesterov: look one momentum step ahead
+            splits = group["splits"][i] if group["splits"] else None
+            row = 0
+            for part in g.split(splits) if splits else (g,):
+                by_shape[part.shape].append((len(params), row, part))
+                row += part.size(0)
+            params.append(p)
+        updates = [torch.empty_like(p) for p in params]
+        for (rows, cols), pieces in by_shape.items():
+            ortho = orthogonalize(torch.stack([part for _, _, part in pieces]), group["ns_steps"])
+            ortho *= max(1.0, rows / cols) ** 0.5
+            for (k, row, _), u in zip(pieces, ortho):
+                updates[k][row:row + rows] = u
+        for p, u in zip(params, updates):
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.add_(u, alpha=-lr)
+
+    def _adamw(self, group: dict) -> None:
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = 0  # a Python int: no device sync to read it
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t = state["step"]
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m.lerp_(p.grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            if wd:
+                p.mul_(1 - lr * wd)
+            denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+            p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+
+
+def muon_groups(model: GPT, matrix_lr: float, adam_lr: float, weight_decay: float) -> list[dict]:
+    """Muon for the blocks' projection matrices (split into their logical matrices: q | k | v of the
+    packed attention input, gate | up of the packed SwiGLU input); AdamW for the embedding/head and
+    the norm gains (and biases), weight decay on matrices only."""
+    c = model.config
+    matrices, splits = [], []
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        qkv = [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
+        fc = [c.hidden_size, c.hidden_size] if c.mlp == "swiglu" else None
+        for weight, split in ((attn.c_attn.weight, qkv), (attn.c_proj.weight, None),
+                              (mlp.c_fc.weight, fc), (mlp.c_proj.weight, None)):
+            matrices.append(weight)
+            splits.append(split)
+    taken = {id(p) for p in matrices}
+    rest = [p for p in model.parameters() if id(p) not in taken and p.requires_grad]
+    return [
+        {"params": matrices, "muon": True, "splits": splits, "lr": matrix_lr, "weight_decay": weight_decay},
+        {"params": [p for p in rest if p.dim() >= 2], "lr": adam_lr, "weight_decay": weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "lr": adam_lr, "weight_decay": 0.0},
+    ]
