@@ -215,7 +215,11 @@ def test_cli_train_then_sample_end_to_end(tmp_path, data_dir):
     assert inter.returncode == 0, inter.stderr
     assert "(temp = 0.0)" in inter.stdout and "(session cleared)" in inter.stdout
     assert "does not know: 'ï' '€'" in inter.stderr
-
+    ev = run_cli("train.evaluate", "--ckpt", "out/ckpt.pt", "--json", "--dtype", "float32", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads(ev.stdout)
+    # A 6-step model: near the unigram entropy (~3.3 nats), below a uniform guess over 75 characters.
+    assert result["split"] == "val" and result["iter"] == 6 and 2.0 < result["loss"] < math.log(75)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -223,6 +227,7 @@ def test_cli_train_then_sample_end_to_end(tmp_path, data_dir):
     (["train", "--resume", "--out-dir", "nowhere"], "error: --resume: no checkpoint at nowhere/ckpt.pt"),
     (["train", "--kernels", "triton", "--device", "cpu", "--max-iters", "1"], "kernels='triton' cannot run here"),
     (["gpt.sample", "--ckpt", "missing.pt"], "error: checkpoint missing.pt does not exist"),
+    (["train.evaluate", "--ckpt", "missing.pt"], "error: checkpoint missing.pt does not exist"),
     (["train", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
 ])
 def test_cli_bad_input_is_one_clear_line(tmp_path, data_dir, args, message):

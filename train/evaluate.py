@@ -1,0 +1,108 @@
+"""python -m train.evaluate: a checkpoint's loss on a whole split, every token scored once.
+
+The loop's periodic eval samples eval_iters random windows (cheap, a little noisy); this reads the
+split in consecutive windows of block_size (the last one shorter), so the figure is exact for the
+split and comparable between runs. Prints the mean loss in nats and in bits per token (bits per
+character with the char tokenizer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gpt.runtime import autocast, dtype_name, resolve_device, resolve_dtype
+
+from .checkpoint import CheckpointError
+from .data import DataError, prepare_dataset
+
+
+@torch.no_grad()
+def split_loss(model, tokens: np.ndarray, batch_size: int, device: torch.device, dtype: torch.dtype,
+               progress: bool = False) -> tuple[float, int]:
+    """(mean cross-entropy in nats, number of tokens scored) of model over tokens[1:], each token
+    predicted from the preceding ones in its window of block_size."""
+    T = model.config.block_size
+    data = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    n_pred = len(data) - 1
+    if n_pred < 1:
+        raise DataError("the split has fewer than 2 tokens: nothing to evaluate")
+    starts = list(range(0, n_pred - T + 1, T))            # full windows
+    batches = [(starts[i:i + batch_size], T) for i in range(0, len(starts), batch_size)]
+    if n_pred % T:                                          # and the shorter one that ends the split
+        batches.append(([len(starts) * T], n_pred % T))
+    bar = None
+    if progress and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=n_pred, unit="tok", unit_scale=True, file=sys.stderr, leave=False)
+    total = 0.0
+    for group, L in batches:
+        x = torch.stack([data[s:s + L] for s in group]).to(device)
+        y = torch.stack([data[s + 1:s + L + 1] for s in group]).to(device)
+        with autocast(device, dtype):
+            logits, _ = model(x)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        if bar is not None:
+            bar.update(len(group) * L)
+    if bar is not None:
+        bar.close()
+    return total / n_pred, n_pred
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.evaluate",
+                                description="Loss of a checkpoint on a whole split of its dataset.")
+    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by python -m train")
+    p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--data-dir", default=None, help="where the tokenized data is cached (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (autocast)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
+    return p
+
+
+def main(argv=None) -> int:
+    from gpt.sample import load_model
+    args = build_parser().parse_args(argv)
+    try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        model, tokenizer, ck = load_model(args.ckpt, device)
+        tc = ck.get("train_config") or {}
+        if "dataset" not in tc:
+            raise CheckpointError(f"checkpoint {args.ckpt} does not say which data it was trained on "
+                                  f"(no train_config); evaluate a checkpoint written by python -m train")
+        data = prepare_dataset(None if tc.get("hf_dataset") else tc["dataset"], tc["tokenizer"],
+                               args.data_dir or tc["data_dir"], vocab_size=tc.get("vocab_size"),
+                               hf_dataset=tc.get("hf_dataset"), hf_config=tc.get("hf_config"),
+                               hf_split=tc.get("hf_split", "train"), text_field=tc.get("text_field", "text"))
+        if data.tokenizer.to_dict() != ck["tokenizer"]:
+            raise CheckpointError(f"the data at {args.data_dir or tc['data_dir']} is tokenized differently from "
+                                  f"checkpoint {args.ckpt}; pass the run's --data-dir")
+        loss, n = split_loss(model, data.split(args.split), args.batch_size, device, dtype, progress=True)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError) as e:  # CheckpointError, DataError and bad flags among them
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    unit = "char" if tokenizer.kind == "char" else "token"
+    bits = loss / float(np.log(2))
+    if args.json:
+        print(json.dumps({"ckpt": args.ckpt, "split": args.split, "tokens": n, "loss": loss,
+                          f"bits_per_{unit}": bits, "iter": ck.get("iter"), "dtype": dtype_name(dtype)}))
+    else:
+        print(f"{args.ckpt} (iter {ck.get('iter')}): {args.split} loss {loss:.4f} nats/{unit} "
+              f"({bits:.4f} bits/{unit}) over all {n:,} {unit}s of the split, {dtype_name(dtype)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
