@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt import GPT
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from train.config import TrainConfig, load_config_file, resolve_config
 from train.data import DataError
@@ -188,6 +189,14 @@ def test_config_files_and_precedence(tmp_path):
         load_config_file(bad)
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         resolve_config({"preset": "huge"})
+
+
+def test_shipped_cpu_recipe_resolves():
+    """configs/shakespeare_cpu.toml is the README's recipe: every name in it must be a real setting."""
+    cfg = resolve_config({"model": {}}, str(Path(__file__).parents[2] / "configs" / "shakespeare_cpu.toml"))
+    cfg.validate()
+    assert cfg.optimizer == "muon" and cfg.compile and cfg.model["n_layer"] == 4
+    assert GPT(cfg.model_config(75)).num_params() == 3_232_768  # the size the README quotes
 
 
 def run_cli(*args, cwd):
