@@ -24,6 +24,7 @@ HELP = {
     "time_budget": "minutes of wall clock; ends cleanly and fits the LR schedule to it",
     "resume": "continue exactly from OUT_DIR/ckpt.pt", "compile": "torch.compile the model",
     "optimizer": "adamw | muon (Muon for the blocks' matrices at --matrix-lr, AdamW at --lr for the rest)",
+    "matrix_lr": "Muon's peak learning rate (with --optimizer muon)", "momentum": "Muon's Nesterov momentum",
 }
 CHOICES = {"preset": list(PRESETS), "optimizer": list(OPTIMIZERS)}
 # Model fields that are set through train flags (kernels) or the tokenizer (vocab_size) instead.
