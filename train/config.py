@@ -7,6 +7,8 @@ from pathlib import Path
 
 from gpt.config import PRESETS, GPTConfig
 
+from .optim import OPTIMIZERS
+
 
 @dataclass
 class TrainConfig:
@@ -67,7 +69,6 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        from .optim import OPTIMIZERS
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.matrix_lr <= 0 or not 0 <= self.momentum < 1:

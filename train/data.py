@@ -662,7 +662,13 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int, device, genera
         raise TypeError("get_batch needs a CPU torch.Generator, e.g. torch.Generator().manual_seed(seed)")
     _check_window(len(data), block_size, name)
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
-    windows = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
+    return windows_at(data, starts, block_size, device)
+
+
+def windows_at(data: np.ndarray, starts, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 ``x, y`` (len(starts), block_size) from the windows of ``block_size + 1`` tokens of
+    ``data`` beginning at ``starts``; only those tokens are read from the memmap."""
+    windows = data[np.asarray(starts)[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
     x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))
     y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))
     device = torch.device(device)

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from gpt.runtime import autocast, dtype_name, resolve_device, resolve_dtype
 
 from .checkpoint import CheckpointError
-from .data import DataError, prepare_dataset
+from .config import TrainConfig
+from .data import DataError, windows_at
+from .loop import open_data
 
 
 @torch.no_grad()
@@ -27,8 +29,7 @@ def split_loss(model, tokens: np.ndarray, batch_size: int, device: torch.device,
     """(mean cross-entropy in nats, number of tokens scored) of model over tokens[1:], each token
     predicted from the preceding ones in its window of block_size."""
     T = model.config.block_size
-    data = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-    n_pred = len(data) - 1
+    n_pred = len(tokens) - 1
     if n_pred < 1:
         raise DataError("the split has fewer than 2 tokens: nothing to evaluate")
     starts = list(range(0, n_pred - T + 1, T))            # full windows
@@ -41,8 +42,7 @@ def split_loss(model, tokens: np.ndarray, batch_size: int, device: torch.device,
         bar = tqdm(total=n_pred, unit="tok", unit_scale=True, file=sys.stderr, leave=False)
     total = 0.0
     for group, L in batches:
-        x = torch.stack([data[s:s + L] for s in group]).to(device)
-        y = torch.stack([data[s + 1:s + L + 1] for s in group]).to(device)
+        x, y = windows_at(tokens, group, L, device)
         with autocast(device, dtype):
             logits, _ = model(x)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
@@ -75,16 +75,18 @@ def main(argv=None) -> int:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         model, tokenizer, ck = load_model(args.ckpt, device)
-        tc = ck.get("train_config") or {}
-        if "dataset" not in tc:
+        if "train_config" not in ck:
             raise CheckpointError(f"checkpoint {args.ckpt} does not say which data it was trained on "
                                   f"(no train_config); evaluate a checkpoint written by python -m train")
-        data = prepare_dataset(None if tc.get("hf_dataset") else tc["dataset"], tc["tokenizer"],
-                               args.data_dir or tc["data_dir"], vocab_size=tc.get("vocab_size"),
-                               hf_dataset=tc.get("hf_dataset"), hf_config=tc.get("hf_config"),
-                               hf_split=tc.get("hf_split", "train"), text_field=tc.get("text_field", "text"))
+        try:
+            cfg = TrainConfig(**ck["train_config"])
+        except TypeError as e:  # a setting this version does not know
+            raise CheckpointError(f"checkpoint {args.ckpt} has a train_config this version cannot read ({e})") from None
+        if args.data_dir:
+            cfg.data_dir = args.data_dir
+        data = open_data(cfg)
         if data.tokenizer.to_dict() != ck["tokenizer"]:
-            raise CheckpointError(f"the data at {args.data_dir or tc['data_dir']} is tokenized differently from "
+            raise CheckpointError(f"the data at {cfg.data_dir} is tokenized differently from "
                                   f"checkpoint {args.ckpt}; pass the run's --data-dir")
         loss, n = split_loss(model, data.split(args.split), args.batch_size, device, dtype, progress=True)
     except KeyboardInterrupt:

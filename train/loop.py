@@ -17,7 +17,7 @@ from gpt.runtime import autocast, dtype_name, peak_flops, resolve_device, resolv
 
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .data import prepare_dataset
+from .data import PreparedData, prepare_dataset
 from .optim import MuonAdamW, muon_groups
 
 # Model fields that may differ between a checkpoint and the run resuming it (they change how, not what).
@@ -45,14 +45,19 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
     rest (train/optim.py). Each group starts at its peak rate; the schedule scales that."""
     if cfg.optimizer == "muon":
         groups = muon_groups(model, cfg.matrix_lr, cfg.lr, cfg.weight_decay)
-        opt = MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), momentum=cfg.momentum)
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
-    return opt
+        return MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), momentum=cfg.momentum)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+def open_data(cfg: TrainConfig) -> PreparedData:
+    """The run's dataset, tokenized and cached under cfg.data_dir (built on first use)."""
+    return prepare_dataset(None if cfg.hf_dataset else cfg.dataset, cfg.tokenizer, cfg.data_dir,
+                           vocab_size=cfg.vocab_size, hf_dataset=cfg.hf_dataset, hf_config=cfg.hf_config,
+                           hf_split=cfg.hf_split, text_field=cfg.text_field)
 
 
 @dataclass
@@ -92,9 +97,7 @@ class Trainer:
                                       f"or point --out-dir at the run to continue")
             resume_state = load_checkpoint(self.ckpt_path)
 
-        self.data = prepare_dataset(None if cfg.hf_dataset else cfg.dataset, cfg.tokenizer, cfg.data_dir,
-                                    vocab_size=cfg.vocab_size, hf_dataset=cfg.hf_dataset, hf_config=cfg.hf_config,
-                                    hf_split=cfg.hf_split, text_field=cfg.text_field)
+        self.data = open_data(cfg)
         self.tokenizer = self.data.tokenizer
         self.model_config = cfg.model_config(self.tokenizer.vocab_size)
         self.data.check_block_size(self.model_config.block_size)
