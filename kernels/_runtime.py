@@ -1,9 +1,17 @@
-"""What the kernels share: can Triton run here, interpreter detection, dtype helpers."""
+"""What the kernel modules share: can Triton run here, input checks, dtype and device helpers, and the
+description of one compiled configuration (`CompileSpec`) that `python -m kernels.report` compiles."""
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass, field
 
 import torch
+
+
+class KernelsUnavailable(RuntimeError):
+    """The Triton kernels cannot run here (no CUDA GPU and no interpreter, Triton missing, or an
+    unsupported device); the message says why and what to use instead."""
 
 
 def interpreting() -> bool:
@@ -11,19 +19,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_TRITON_IMPORT = {}  # memo: "error" -> None or the reason triton does not import
-
-
+@functools.cache
 def triton_import_error() -> str | None:
     """None if triton imports, else the reason it does not."""
-    if "error" not in _TRITON_IMPORT:
-        try:
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401
-            _TRITON_IMPORT["error"] = None
-        except Exception as e:  # ImportError, or a broken install raising something else
-            _TRITON_IMPORT["error"] = f"{type(e).__name__}: {e}"
-    return _TRITON_IMPORT["error"]
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising something else
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def triton_unavailable_reason(device: torch.device | str) -> str | None:
@@ -42,6 +46,11 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
     return f"Triton kernels do not run on device '{device.type}'; use kernels='torch' or 'auto'"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: dtypes as users type them."""
+    return str(dtype).replace("torch.", "")
+
+
 def check_tensor(name: str, t: torch.Tensor, *, ndim: int | None = None,
                  dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)) -> None:
     """Validate a launcher input at the boundary, with an error that names the problem and the fix."""
@@ -50,35 +59,75 @@ def check_tensor(name: str, t: torch.Tensor, *, ndim: int | None = None,
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
     if t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; supported: {names} (cast it first)")
+        names = ", ".join(dtype_name(d) for d in dtypes)
+        raise TypeError(f"{name} has dtype {dtype_name(t.dtype)}; supported: {names} (cast it first)")
     reason = triton_unavailable_reason(t.device)
     if reason is not None:
-        raise RuntimeError(f"{name} is on {t.device}: {reason}")
+        raise KernelsUnavailable(f"{name} is on {t.device}: {reason}")
+
+
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its last dim has stride 1 (the kernels' vectorized loads need it), else a copy.
+    Every other stride is passed to the kernels, so transposed views are read in place."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# The interpreter sizes its launches like an A100, so CPU tests take the paths a GPU would.
+INTERPRETER_NUM_SMS = 108
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (INTERPRETER_NUM_SMS elsewhere)."""
+    if device.type != "cuda":
+        return INTERPRETER_NUM_SMS
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 TORCH_TO_TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
+@dataclass
 class CompileSpec:
     """One kernel + launch configuration for `python -m kernels.report` to compile for real GPU targets.
 
-    signature: kernel argument name -> Triton type string ("*fp16", "*fp32", "i32", "fp32", ...);
-    constexprs: name -> value for the tl.constexpr arguments; label: the config as shown in the table.
     Every kernel module exposes `compile_specs(quick: bool = False) -> list[CompileSpec]` listing the
     configurations its launchers can actually choose (quick=True: a small representative subset).
     """
+    kernel: str                # the @triton.jit function's name, as shown in the table
+    fn: object                 # the @triton.jit function
+    signature: dict            # argument -> Triton type ("*fp16", "i32", "fp32", "constexpr"), see `signature`
+    constexprs: dict           # tl.constexpr argument -> value
+    num_warps: int
+    num_stages: int
+    label: str                 # the config as shown in the table
+    expects_mma: bool = False  # a dot-based kernel: the report fails it if no tensor-core instruction appears
+    # Arguments Triton may assume to be multiples of 16 (pointers: 16-byte aligned). Triton specializes a
+    # launch on this; by default the common case: every pointer and stride. See `aligned`.
+    divisible_by_16: tuple = field(default=None)
 
-    def __init__(self, kernel: str, fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int,
-                 label: str, expects_mma: bool = False):
-        self.kernel, self.fn, self.signature, self.constexprs = kernel, fn, signature, constexprs
-        self.num_warps, self.num_stages, self.label, self.expects_mma = num_warps, num_stages, label, expects_mma
+    def __post_init__(self):
+        if self.divisible_by_16 is None:
+            self.divisible_by_16 = tuple(name for name, ty in self.signature.items()
+                                         if ty.startswith("*") or name.startswith("stride"))
 
-    def __repr__(self):
-        return f"CompileSpec({self.kernel}, {self.label}, warps={self.num_warps}, stages={self.num_stages})"
+    def aligned(self, divisible: bool, sizes=()) -> "CompileSpec":
+        """This spec as Triton compiles it for a launch whose pointers are 16-byte aligned and whose strides
+        and `sizes` are multiples of 16 (divisible=True), or for one where nothing is (divisible=False: no
+        vectorized accesses, the worst case for registers)."""
+        if divisible:
+            self.divisible_by_16 = tuple(name for name, ty in self.signature.items()
+                                         if ty.startswith("*") or name.startswith("stride") or name in sizes)
+        else:
+            self.divisible_by_16 = ()
+        return self
 
 
-def compile_signature(fn, pointers: dict, floats=(), constexprs=()) -> dict:
+def signature(fn, pointers: dict, floats=(), constexprs=()) -> dict:
     """A CompileSpec signature for `fn`: `pointers` maps argument -> element type ("bf16"), `floats`
     are fp32 scalars, `constexprs` are typed "constexpr", every other argument (sizes, strides) i32."""
     sig = {}

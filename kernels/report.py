@@ -10,8 +10,8 @@ exits non-zero on a compile failure, any spill, shared memory over the target's 
 a kernel that expects tensor cores but uses none.
 
 Triton specializes a launch on whether its pointers are 16-byte aligned and its integers multiples
-of 16; a spec says which variant it is (see `aligned`). Specs that do not say are compiled as the
-common case: aligned pointers, strides divisible by 16.
+of 16; a spec says which variant it is (`CompileSpec.divisible_by_16`, set by `CompileSpec.aligned`), by
+default the common case: aligned pointers, strides divisible by 16.
 
 Kernel modules are imported here, so this must run without TRITON_INTERPRET=1 (under the
 interpreter @triton.jit gives functions triton.compile cannot take); `main` re-executes itself
@@ -32,9 +32,12 @@ import sys
 import tempfile
 import time
 
-from ._runtime import compile_signature, interpreting
+import triton
+from triton.backends.compiler import GPUTarget
 
-MODULES = ("kernels.rms_norm", "kernels.rope", "kernels.swiglu", "kernels.attention")
+from . import KERNEL_MODULES as MODULES
+from ._runtime import interpreting
+
 # Largest dynamic shared memory per block (opt-in), bytes: A100 163 KB, H100 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 TENSOR_CORE_OPS = ("HGMMA", "HMMA", "IMMA", "UTCHMMA", "UTCQMMA")
@@ -59,7 +62,6 @@ def load_specs(quick: bool, modules=MODULES) -> tuple[list[tuple[str, int, objec
 
 
 def _cuobjdump() -> str:
-    import triton
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(path):
         raise FileNotFoundError(f"cuobjdump not found at {path}; it ships with Triton's NVIDIA backend")
@@ -75,29 +77,9 @@ def _full_signature(spec) -> dict:
     return {a: sig[a] for a in spec.fn.arg_names}
 
 
-signature = compile_signature  # kernel modules build their CompileSpec signatures with it
-
-
-def aligned(spec, divisible: bool = True, sizes=()):
-    """Mark `spec` as the specialization Triton compiles for a launch whose pointers are 16-byte
-    aligned and whose strides and `sizes` are multiples of 16 (divisible=True), or for one where
-    nothing is (divisible=False: no vectorized accesses, the worst case for registers)."""
-    if divisible:
-        spec.divisible_by_16 = tuple(name for name, ty in spec.signature.items()
-                                     if ty.startswith("*") or name.startswith("stride") or name in sizes)
-    else:
-        spec.divisible_by_16 = ()
-    return spec
-
-
 def _alignment_attrs(spec, signature: dict) -> dict:
-    """tt.divisibility=16 for the arguments in spec.divisible_by_16 (see `aligned`); a spec without
-    that attribute gets it on its pointers and strides."""
-    divisible = getattr(spec, "divisible_by_16", None)
-    if divisible is None:
-        divisible = [name for name, ty in signature.items()
-                     if ty.startswith("*") or (name.startswith("stride") and ty in ("i32", "i64"))]
-    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name in divisible}
+    """tt.divisibility=16 for the arguments in spec.divisible_by_16 (see CompileSpec.aligned)."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name in spec.divisible_by_16}
 
 
 def _parse_resources(text: str) -> dict:
@@ -120,8 +102,6 @@ def compile_one(module: str, index: int, quick: bool, cc: int) -> dict:
     row = {"module": module, "kernel": spec.kernel, "config": spec.label, "target": f"sm_{cc}",
            "num_warps": spec.num_warps, "num_stages": spec.num_stages}
     try:
-        import triton
-        from triton.backends.compiler import GPUTarget
         signature = _full_signature(spec)
         src = triton.compiler.ASTSource(spec.fn, signature, spec.constexprs, _alignment_attrs(spec, signature))
         compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
@@ -223,7 +203,6 @@ def main(argv=None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         return subprocess.run([sys.executable, "-m", "kernels.report", *argv], env=env).returncode
 
-    import triton
     print(f"kernels.report: triton {triton.__version__}, targets {', '.join(f'sm_{t}' for t in targets)}, "
           f"{'quick' if args.quick else 'full'} set", flush=True)
     t0 = time.perf_counter()

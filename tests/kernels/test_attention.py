@@ -1,4 +1,4 @@
-"""kernels.attention against kernels.reference.attention in float64 (tolerance rule: DESIGN.md section 4).
+"""kernels.attention against kernels.reference.attention in float64 (tolerance rule: kernels/testing.py).
 
 Runs in Triton's interpreter on CPU (tests/conftest.py). The default set covers MHA/GQA/MQA, every
 sequence length and head dim of the issue, causal and not, decode shapes, non-contiguous inputs and
@@ -13,7 +13,8 @@ import torch
 
 from kernels import reference
 from kernels.testing import FWD_FACTOR, GRAD_FACTOR, assert_close_to_reference, error_bound
-import kernels.attention as attn
+import kernels._attention as attn
+from kernels._runtime import INTERPRETER_NUM_SMS
 
 
 def make_qkv(B, H, Hkv, Tq, Tk, D, dtype, layout="contiguous"):
@@ -138,7 +139,7 @@ def test_split_kv_paths_agree(split_kv):
 
 def test_split_kv_auto_splits_long_cache():
     """The automatic choice really splits a long cache (so the combine kernel runs)."""
-    n_splits, keys_per_split = attn._num_splits(2, 1000, 64, attn.INTERPRETER_NUM_SMS)
+    n_splits, keys_per_split = attn._num_splits(2, 1000, 64, INTERPRETER_NUM_SMS)
     assert n_splits > 1 and n_splits * keys_per_split >= 1000
 
 

@@ -3,9 +3,7 @@
 import pytest
 import torch
 
-from kernels.rms_norm import rms_norm
-from kernels.rope import rope, rope_qk
-from kernels.swiglu import swiglu, swiglu_packed
+from kernels import rms_norm, rope, rope_qk, swiglu, swiglu_packed
 
 
 def _block(x, res, w, q, k, cos, sin, proj):

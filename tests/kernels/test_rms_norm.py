@@ -4,7 +4,8 @@ import torch
 
 from kernels import reference
 from kernels import _runtime
-from kernels.rms_norm import MAX_D, rms_norm
+from kernels import KernelsUnavailable, rms_norm
+from kernels._rms_norm import MAX_D
 from kernels.testing import FWD_FACTOR, GRAD_FACTOR, assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -117,7 +118,7 @@ def test_bad_residual():
 
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(_runtime, "interpreting", lambda: False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(KernelsUnavailable, match="TRITON_INTERPRET=1"):
         rms_norm(torch.randn(4, 16), torch.randn(16))
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.swiglu import swiglu, swiglu_packed
+from kernels import swiglu, swiglu_packed
 from kernels.testing import FWD_FACTOR, GRAD_FACTOR, assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

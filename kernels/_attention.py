@@ -1,6 +1,6 @@
 """Causal grouped-query flash attention (FlashAttention-2) in Triton: forward, backward, split-KV decode.
 
-Layers (STYLE.md): `@triton.jit` kernels -> launchers (`attention_fwd`, `attention_bwd`: validate, allocate,
+Layers (as every kernel module, docs/architecture.md): `@triton.jit` kernels -> launchers (`attention_fwd`, `attention_bwd`: validate, allocate,
 pick the block config) -> `torch.library` custom ops `tritongpt::attention_fwd` / `attention_bwd` with fake
 and autograd registrations (so `torch.compile(fullgraph=True)` traces through them) -> `attention` and
 `attention_with_lse`.
@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import CompileSpec, TORCH_TO_TL_NAME, check_tensor, compile_signature, interpreting
+from ._runtime import (TORCH_TO_TL_NAME, CompileSpec, check_tensor, dtype_name, interpreting, signature, sm_count,
+                       unit_last_stride)
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -50,6 +51,37 @@ def _load_rows(ptrs, rows, n_rows, d_mask, CHECK_ROWS: tl.constexpr, EVEN_D: tl.
         else:
             x = tl.load(ptrs, mask=d_mask[None, :], other=0.0)
     return x
+
+
+@triton.jit
+def _query_block_program(H, GROUP, Tq, BLOCK_M: tl.constexpr):
+    """b, h, hkv (int64), row0 (the head's first LSE / DELTA row), start_m, offs_m of a (query block, b*h) program."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    # Index arithmetic in int32 (int64 division is a subroutine call with a stack frame), offsets in int64.
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hkv = (pid_bh % H // GROUP).to(tl.int64)
+    row0 = pid_bh.to(tl.int64) * Tq
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    return b, h, hkv, row0, start_m, offs_m
+
+
+@triton.jit
+def _query_block_key_bounds(start_m, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """(Tk - Tq, unmasked_hi, masked_hi): block start_m reads keys unmasked to unmasked_hi, masked to masked_hi."""
+    causal_offset = Tk - Tq
+    n_full_blocks_end = Tk // BLOCK_N * BLOCK_N
+    if IS_CAUSAL:
+        # Keys <= start_m + offset are visible to every row of the block: unmasked up to that block edge.
+        unmasked_hi = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N,
+                                 n_full_blocks_end)
+        masked_hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), Tk)
+    else:
+        unmasked_hi = n_full_blocks_end
+        masked_hi = Tk
+    return causal_offset, unmasked_hi, masked_hi
 
 
 @triton.jit
@@ -106,18 +138,10 @@ def _attn_fwd_kernel(
 ):
     """O = softmax(Q K^T * scale [+ causal mask]) V for one (query block, batch*head); LSE = base-2
     log-sum-exp per row."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    # Index arithmetic in int32 (int64 division is a subroutine call with a stack frame), offsets in int64.
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hkv = (pid_bh % H // GROUP).to(tl.int64)
-    row0 = pid_bh.to(tl.int64) * Tq  # this head's first row in LSE / DELTA
+    b, h, hkv, row0, start_m, offs_m = _query_block_program(H, GROUP, Tq, BLOCK_M)
     qk_scale = tl.cast(qk_scale, tl.float32)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -133,16 +157,7 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    causal_offset = Tk - Tq
-    n_full_blocks_end = Tk // BLOCK_N * BLOCK_N
-    if IS_CAUSAL:
-        # Keys <= start_m + offset are visible to every row of the block: unmasked up to that block edge.
-        unmasked_hi = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N,
-                                 n_full_blocks_end)
-        masked_hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), Tk)
-    else:
-        unmasked_hi = n_full_blocks_end
-        masked_hi = Tk
+    causal_offset, unmasked_hi, masked_hi = _query_block_key_bounds(start_m, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kt, stride_vt,
                                     0, unmasked_hi, Tk, causal_offset, qk_scale, offs_n, offs_d, d_mask,
                                     BLOCK_N, False, IS_CAUSAL, EVEN_D, UPCAST)
@@ -429,19 +444,11 @@ def _attn_bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dQ = scale * sum_j dS_ij K_j for one (query block, batch*head); same block schedule as the forward."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    # Index arithmetic in int32 (int64 division is a subroutine call with a stack frame), offsets in int64.
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hkv = (pid_bh % H // GROUP).to(tl.int64)
-    row0 = pid_bh.to(tl.int64) * Tq  # this head's first row in LSE / DELTA
+    b, h, hkv, row0, start_m, offs_m = _query_block_program(H, GROUP, Tq, BLOCK_M)
     sm_scale = tl.cast(sm_scale, tl.float32)
     qk_scale = tl.cast(qk_scale, tl.float32)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -460,15 +467,7 @@ def _attn_bwd_dq_kernel(
     v_base = V + b * stride_vb + hkv * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    causal_offset = Tk - Tq
-    n_full_blocks_end = Tk // BLOCK_N * BLOCK_N
-    if IS_CAUSAL:
-        unmasked_hi = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N,
-                                 n_full_blocks_end)
-        masked_hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), Tk)
-    else:
-        unmasked_hi = n_full_blocks_end
-        masked_hi = Tk
+    causal_offset, unmasked_hi, masked_hi = _query_block_key_bounds(start_m, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, offs_m, k_base, v_base, stride_kt, stride_vt, 0, unmasked_hi,
                             Tk, causal_offset, qk_scale, offs_n, offs_d, d_mask,
                             BLOCK_N, False, IS_CAUSAL, EVEN_D, UPCAST)
@@ -523,13 +522,6 @@ _COMBINE_BLOCK_R = 16
 DECODE_MAX_TQ = 16          # the split-KV path serves calls with at most this many queries ...
 DECODE_MAX_ROWS = 64        # ... and at most this many (query head x position) rows per KV head
 MIN_BLOCKS_PER_SPLIT = 4    # keys per split >= 4 blocks, so the partial writes and the combine stay small
-INTERPRETER_NUM_SMS = 108   # the interpreter splits like an A100 so tests exercise the same paths
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRETER_NUM_SMS
 
 
 def _block_d(head_dim: int) -> int:
@@ -557,16 +549,12 @@ def _num_splits(batch_kv_heads: int, tk: int, block_n: int, num_sms: int) -> tup
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(f"attention: {name}", t, ndim=4)
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"attention: q, k, v must share one dtype, got q {_dtype_name(q.dtype)}, "
-                        f"k {_dtype_name(k.dtype)}, v {_dtype_name(v.dtype)}; cast them to the same dtype")
+        raise TypeError(f"attention: q, k, v must share one dtype, got q {dtype_name(q.dtype)}, "
+                        f"k {dtype_name(k.dtype)}, v {dtype_name(v.dtype)}; cast them to the same dtype")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     if k.shape != v.shape:
@@ -592,11 +580,6 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def _resolve_scale(scale, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-
-
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    """The kernels address the head dim with stride 1 (vectorized loads); other strides are free."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 def _grad_like(t: torch.Tensor) -> torch.Tensor:
@@ -630,7 +613,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     Hkv, Tk = k.shape[1], k.shape[2]
     group = H // Hkv
     scale = _resolve_scale(scale, D)
-    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     out, lse = _new_out_lse(q)
     if out.numel() == 0:
         return out, lse
@@ -653,7 +636,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     cfg = config or DECODE_CONFIGS[block_d, max(16, triton.next_power_of_2(group * Tq))]
     if cfg.block_m < group * Tq:
         raise ValueError(f"attention_fwd: decode block_m {cfg.block_m} < (H // Hkv) * Tq = {group * Tq}")
-    n_splits, keys_per_split = _num_splits(B * Hkv, Tk, cfg.block_n, _num_sms(q.device))
+    n_splits, keys_per_split = _num_splits(B * Hkv, Tk, cfg.block_n, sm_count(q.device))
     if split_kv > 0:
         blocks = max(1, triton.cdiv(Tk, cfg.block_n))
         keys_per_split = triton.cdiv(blocks, min(split_kv, blocks)) * cfg.block_n
@@ -693,14 +676,14 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     for name, t in (("do", do), ("out", out)):
         if t.shape != q.shape or t.dtype != q.dtype:
             raise ValueError(f"attention_bwd: {name} must match q's shape {tuple(q.shape)} and dtype "
-                             f"{_dtype_name(q.dtype)}, got {tuple(t.shape)} {_dtype_name(t.dtype)}")
+                             f"{dtype_name(q.dtype)}, got {tuple(t.shape)} {dtype_name(t.dtype)}")
     for name, t in (("lse", lse), ("dlse", dlse)):
         if t is not None and (t.shape != (B, H, Tq) or t.dtype != torch.float32):
             raise ValueError(f"attention_bwd: {name} must be ({B}, {H}, {Tq}) float32, got {tuple(t.shape)} "
-                             f"{_dtype_name(t.dtype)}")
+                             f"{dtype_name(t.dtype)}")
     scale = _resolve_scale(scale, D)
     dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
-    q, k, v, do, out = (_unit_last_stride(t) for t in (q, k, v, do, out))
+    q, k, v, do, out = (unit_last_stride(t) for t in (q, k, v, do, out))
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
     if Tk == 0:
@@ -827,7 +810,7 @@ def compile_specs(quick: bool = False) -> list[CompileSpec]:
 
             def add(fn, cfg, pointers, floats):
                 constexprs = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-                specs.append(CompileSpec(fn.__name__, fn, compile_signature(fn, pointers, floats, constexprs), constexprs,
+                specs.append(CompileSpec(fn.__name__, fn, signature(fn, pointers, floats, constexprs), constexprs,
                                          cfg.num_warps, cfg.num_stages,
                                          f"{case} BM={cfg.block_m} BN={cfg.block_n}", expects_mma=True))
 
@@ -847,12 +830,12 @@ def compile_specs(quick: bool = False) -> list[CompileSpec]:
             fn = _attn_bwd_preprocess_kernel
             specs.append(CompileSpec(
                 fn.__name__, fn,
-                compile_signature(fn, {"O": dt, "DO": dt, "DLSE": "fp32", "DELTA": "fp32"}, (), constexprs),
+                signature(fn, {"O": dt, "DO": dt, "DLSE": "fp32", "DELTA": "fp32"}, (), constexprs),
                 constexprs, 4, 1, f"D={head_dim} {dt} BM={_PREPROCESS_BLOCK_M} dlse={has_dlse}"))
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=_COMBINE_BLOCK_R)
         fn = _attn_combine_kernel
         specs.append(CompileSpec(
             fn.__name__, fn,
-            compile_signature(fn, {"O_PART": "fp32", "LSE_PART": "fp32", "O": dt, "LSE": "fp32"}, (), constexprs),
+            signature(fn, {"O_PART": "fp32", "LSE_PART": "fp32", "O": dt, "LSE": "fp32"}, (), constexprs),
             constexprs, 4, 1, f"D={head_dim} {dt} BR={_COMBINE_BLOCK_R}"))
     return specs

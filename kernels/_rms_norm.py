@@ -7,13 +7,11 @@ of dW in fp32 registers; the per-program partial sums are reduced once at the en
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._runtime import TORCH_TO_TL_NAME, CompileSpec, check_tensor
+from ._runtime import TORCH_TO_TL_NAME, CompileSpec, check_tensor, signature, sm_count
 
 # The row lives in registers: at 16384 columns over 16 warps, 32 values per thread per live row.
 # `python -m kernels.report` shows no spills up to here on sm_80/sm_90, but only for the vectorized
@@ -171,16 +169,11 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, residual
     return y, (h.view(x.shape) if h is not None else None), rstd
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _backward_programs(n_rows: int, device: torch.device) -> int:
     if device.type != "cuda":
         return max(1, min(n_rows, 8))  # the interpreter: any split is as fast as another
     # A few resident programs per SM hide load latency; more would only add dW partial rows.
-    return max(1, min(n_rows, 4 * _sm_count(device.index if device.index is not None else 0)))
+    return max(1, min(n_rows, 4 * sm_count(device)))
 
 
 def rms_norm_backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
@@ -294,8 +287,6 @@ def compile_specs(quick: bool = False) -> list[CompileSpec]:
     specializes them for aligned tensors with D a multiple of 16; plus, at BLOCK_D = 8192 (the widest
     such launch, the most registers per thread), the unaligned variant (D or a stride not a multiple
     of 16, or an offset view) for every dtype combination. Weights come in x's dtype or fp32."""
-    from .report import aligned, signature
-
     blocks = [MIN_BLOCK_D << i for i in range((MAX_D // MIN_BLOCK_D).bit_length())]
     x_dtypes = [torch.float32, torch.float16, torch.bfloat16]
     if quick:
@@ -313,17 +304,17 @@ def compile_specs(quick: bool = False) -> list[CompileSpec]:
                     for r in [None] + res_names:
                         ptrs = {"x_ptr": x, "res_ptr": r or x, "w_ptr": w, "y_ptr": x, "h_ptr": x, "rstd_ptr": "fp32"}
                         consts = {"BLOCK_D": block_d, "HAS_RESIDUAL": r is not None}
-                        specs.append(aligned(CompileSpec(
+                        specs.append(CompileSpec(
                             "_rms_norm_fwd_kernel", _rms_norm_fwd_kernel,
                             signature(_rms_norm_fwd_kernel, ptrs, ("eps",), consts), consts, warps, 1,
-                            f"x={x} w={w} res={r or '-'} BLOCK_D={block_d}{kind}"), divisible, ("n_cols",)))
+                            f"x={x} w={w} res={r or '-'} BLOCK_D={block_d}{kind}").aligned(divisible, ("n_cols",)))
                     for has_dh in (False, True):
                         ptrs = {"dy_ptr": x, "h_ptr": x, "w_ptr": w, "rstd_ptr": "fp32", "dh_ptr": x, "dx_ptr": x,
                                 "dw_partial_ptr": "fp32"}
                         consts = {"BLOCK_D": block_d, "HAS_DH": has_dh, "RELOAD_ROW": _reload_row(block_d)}
-                        specs.append(aligned(CompileSpec(
+                        specs.append(CompileSpec(
                             "_rms_norm_bwd_kernel", _rms_norm_bwd_kernel,
                             signature(_rms_norm_bwd_kernel, ptrs, (), consts), consts, warps, 1,
-                            f"x={x} w={w} dh={'yes' if has_dh else 'no'} BLOCK_D={block_d}{kind}"), divisible,
-                            ("n_cols",)))
+                            f"x={x} w={w} dh={'yes' if has_dh else 'no'} BLOCK_D={block_d}{kind}").aligned(
+                            divisible, ("n_cols",)))
     return specs

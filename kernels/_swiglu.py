@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import TORCH_TO_TL_NAME, CompileSpec, check_tensor
+from ._runtime import TORCH_TO_TL_NAME, CompileSpec, check_tensor, signature
 
 # Elements per program (BLOCK_M x BLOCK_N): 16 per thread per tensor at 4 warps, which keeps
 # 128-bit loads and leaves registers for the fp32 math of the backward.
@@ -238,8 +238,6 @@ def compile_specs(quick: bool = False) -> list[CompileSpec]:
     Triton specializes them for aligned inputs (N and the row strides multiples of 16); plus the
     unaligned variant (e.g. the halves of an odd-width projection) at the narrowest and widest block
     (every block holds the same 16 elements per thread)."""
-    from .report import aligned, signature
-
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     blocks = [MIN_BLOCK_N << i for i in range((TILE // MIN_BLOCK_N).bit_length())]
     if quick:
@@ -255,6 +253,6 @@ def compile_specs(quick: bool = False) -> list[CompileSpec]:
             for divisible in (True, False) if block_n in (blocks[0], blocks[-1]) and not quick else (True,):
                 label = f"x={x} BLOCK_M={TILE // block_n} BLOCK_N={block_n}{'' if divisible else ' unaligned'}"
                 for name, fn, ptrs in kernels:
-                    specs.append(aligned(CompileSpec(name, fn, signature(fn, ptrs, (), consts), consts, NUM_WARPS, 1,
-                                                     label), divisible, ("n_cols",)))
+                    specs.append(CompileSpec(name, fn, signature(fn, ptrs, (), consts), consts, NUM_WARPS, 1,
+                                             label).aligned(divisible, ("n_cols",)))
     return specs

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import TORCH_TO_TL_NAME, CompileSpec, check_tensor
+from ._runtime import TORCH_TO_TL_NAME, CompileSpec, check_tensor, signature, unit_last_stride
 
 MAX_HEAD_DIM = 512
 MAX_GRID = 65535  # CUDA's limit on grid axes 1 and 2 (heads, batch)
@@ -111,10 +111,6 @@ def _kernel_table(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 or x.numel() == 0 else x.contiguous()
-
-
 def rope_forward(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor):
     """q (B, H, T, D), k (B, Hkv, T, D) or None, cos/sin (T, D//2) -> rotated q and k (None if k is
     None), contiguous, in the inputs' dtype. Any (batch, head, time) strides are read in place."""
@@ -122,10 +118,10 @@ def rope_forward(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin
     B, H, T, D = q.shape
     n_k_heads = k.shape[1] if k is not None else 0
     cos, sin = _kernel_table(cos), _kernel_table(sin)
-    q = _unit_last_stride(q)
+    q = unit_last_stride(q)
     q_out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     if k is not None:
-        k = _unit_last_stride(k)
+        k = unit_last_stride(k)
         k_out = torch.empty(tuple(k.shape), dtype=k.dtype, device=k.device)
     else:
         k, k_out = q, q_out  # never addressed: the grid has no k heads
@@ -208,8 +204,6 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 def compile_specs(quick: bool = False) -> list[CompileSpec]:
     """Every (dtype, BLOCK_HALF, BLOCK_T, num_warps, num_stages) the launcher can choose, each both as
     Triton specializes it for aligned inputs (D/2 and the strides multiples of 16) and unaligned."""
-    from .report import aligned, signature
-
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     halves = [MIN_BLOCK_HALF << i for i in range((MAX_HEAD_DIM // 2 // MIN_BLOCK_HALF).bit_length())]
     if quick:
@@ -221,8 +215,8 @@ def compile_specs(quick: bool = False) -> list[CompileSpec]:
         for block_half in halves:
             consts = {"BLOCK_T": _block_t(block_half), "BLOCK_HALF": block_half}
             for divisible in (True,) if quick else (True, False):
-                specs.append(aligned(CompileSpec(
+                specs.append(CompileSpec(
                     "_rope_kernel", _rope_kernel, signature(_rope_kernel, ptrs, (), consts), consts, NUM_WARPS, 1,
-                    f"x={x} BLOCK_T={consts['BLOCK_T']} BLOCK_HALF={block_half}{'' if divisible else ' unaligned'}"),
-                    divisible, ("half",)))
+                    f"x={x} BLOCK_T={consts['BLOCK_T']} BLOCK_HALF={block_half}{'' if divisible else ' unaligned'}"
+                ).aligned(divisible, ("half",)))
     return specs
