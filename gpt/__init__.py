@@ -1,5 +1,7 @@
 """A readable GPT whose hot ops run on Triton kernels (or PyTorch, on CPU/MPS)."""
+from .checkpoint import load_model
 from .config import PRESETS, GPTConfig, preset_config
 from .model import GPT, create_model
+from .ops import KERNEL_MODES
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "create_model", "preset_config"]
+__all__ = ["GPT", "GPTConfig", "KERNEL_MODES", "PRESETS", "create_model", "load_model", "preset_config"]

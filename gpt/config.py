@@ -1,9 +1,13 @@
-"""Model configuration: one dataclass with commented defaults, and named presets."""
+"""Model configuration: one dataclass with commented defaults, and named presets.
+
+GPTConfig describes the architecture only: what a checkpoint needs to rebuild the weights. Run-time
+choices (kernels, gradient checkpointing, device, dtype, compile) are arguments of `GPT` and the CLIs.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-KERNEL_MODES = ("auto", "triton", "torch")
+from .errors import ConfigError
 
 
 def _round_up(n: float, multiple: int) -> int:
@@ -27,8 +31,6 @@ class GPTConfig:
     dropout: float = 0.0          # on embeddings and on each residual branch (not on attention weights)
     tie_weights: bool = True      # lm_head shares the token embedding matrix
     rope_theta: float = 10000.0   # RoPE base
-    gradient_checkpointing: bool = False  # recompute each block in the backward to save activations
-    kernels: str = "auto"         # "auto" | "triton" | "torch" (see gpt/ops.py)
     init_std: float = 0.02        # weights ~ N(0, init_std); residual projections scaled by 1/sqrt(2*n_layer)
 
     def __post_init__(self):
@@ -51,7 +53,7 @@ class GPTConfig:
 
     def validate(self) -> None:
         def bad(field, problem, fix):
-            raise ValueError(f"GPTConfig.{field}: {problem}; {fix}")
+            raise ConfigError(f"GPTConfig.{field}: {problem}; {fix}")
 
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -69,8 +71,6 @@ class GPTConfig:
             bad("mlp", f"unknown MLP {self.mlp!r}", "use 'swiglu' or 'gelu'")
         if self.norm not in ("rms", "layer"):
             bad("norm", f"unknown norm {self.norm!r}", "use 'rms' or 'layer'")
-        if self.kernels not in KERNEL_MODES:
-            bad("kernels", f"unknown mode {self.kernels!r}", "use one of " + ", ".join(KERNEL_MODES))
         if not 0.0 <= self.dropout < 1.0:
             bad("dropout", f"{self.dropout} is outside [0, 1)", "use a probability such as 0.0 or 0.1")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
@@ -86,7 +86,7 @@ class GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"GPTConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+            raise ConfigError(f"GPTConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**d)
 
 
@@ -101,11 +101,11 @@ NOMINAL_PARAMS = {"tiny": 10e6, "small": 25e6, "medium": 80e6, "large": 350e6}
 
 
 def preset_config(preset: str, **overrides) -> GPTConfig:
-    """The named preset with `overrides` applied (unknown preset or field: ValueError)."""
+    """The named preset with `overrides` applied (unknown preset or field: ConfigError)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     base = GPTConfig.__dataclass_fields__
     unknown = sorted(set(overrides) - set(base))
     if unknown:
-        raise ValueError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(base)}")
+        raise ConfigError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(base)}")
     return replace(GPTConfig(**PRESETS[preset]), **overrides)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .runtime import autocast
+from .runtime import autocast, resolve_dtype
 
 
 class KVCache:
@@ -97,7 +97,6 @@ def _resolve_dtype(dtype, device) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, str):
-        from .runtime import resolve_dtype
         return resolve_dtype(dtype, device)
     return dtype
 

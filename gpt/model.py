@@ -1,5 +1,6 @@
 """The GPT: pre-norm blocks of grouped-query attention with RoPE and a SwiGLU MLP, RMSNorm, tied
-embeddings. Every hot op goes through gpt/ops.py, which picks the Triton kernels or PyTorch."""
+embeddings. Every hot op goes through an op table from gpt/ops.py (the Triton kernels or PyTorch),
+which the model resolves once per device."""
 from __future__ import annotations
 
 import math
@@ -9,8 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kernels import KernelsUnavailable
+
 from . import ops
-from .config import GPTConfig
+from .config import GPTConfig, preset_config
+from .generate import generate
 
 
 def rope_table(block_size: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,16 +46,17 @@ class Attention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        # One matmul for q, k and v: [H*D | Hkv*D | Hkv*D] output columns.
-        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
-                                bias=config.bias)
+        # One matmul for q, k and v: c_attn's output rows are [q: H*D | k: Hkv*D | v: Hkv*D].
+        self.qkv_sizes = [config.n_head * config.head_dim, config.n_kv_head * config.head_dim,
+                          config.n_kv_head * config.head_dim]
+        self.c_attn = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=config.bias)
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True
 
     def forward(self, x, cos, sin, op, cache=None, layer: int = 0):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = self.c_attn(x).split(self.qkv_sizes, dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)      # (B, H, T, D), a strided view
         k = k.view(B, T, Hkv, D).transpose(1, 2)    # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
@@ -66,9 +71,9 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.kind, hidden = config.mlp, config.hidden_size
-        # SwiGLU: one matmul produces [gate | up]; the kernel reads the two halves in place.
-        width = 2 * hidden if self.kind == "swiglu" else hidden
-        self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
+        # SwiGLU: one matmul produces [gate | up] (c_fc's output rows); the kernel reads the halves in place.
+        self.fc_sizes = [hidden, hidden] if self.kind == "swiglu" else [hidden]
+        self.c_fc = nn.Linear(config.n_embd, sum(self.fc_sizes), bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True
 
@@ -97,9 +102,17 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    """The model of `config`. Run-time choices, not saved with the weights:
+
+    kernels: "auto" | "triton" | "torch" (gpt/ops.py), resolved for the device of the weights now and
+        again whenever the model is moved (`.to`, `.cuda`, ...); see `use_kernels`.
+    gradient_checkpointing: recompute each block in the backward instead of keeping its activations.
+    """
+
+    def __init__(self, config: GPTConfig, kernels: str = "auto", gradient_checkpointing: bool = False):
         super().__init__()
         self.config = config
+        self.gradient_checkpointing = gradient_checkpointing
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
@@ -111,6 +124,44 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+        self.use_kernels(kernels)
+
+    # -- kernels: a run-time choice, resolved per device --------------------------------------------
+    def use_kernels(self, mode: str) -> "GPT":
+        """Run the hot ops with `mode` ("auto" | "triton" | "torch") from now on; returns the model."""
+        self.kernels = ops.check_mode(mode)
+        self._bind_ops()
+        return self
+
+    def _bind_ops(self) -> None:
+        # 'triton' on a device where it cannot run is not an error until the model runs there: it may
+        # be built on the CPU and moved to a GPU next.
+        try:
+            self.ops, self._ops_error = ops.select(self.kernels, self.wte.weight.device), None
+        except KernelsUnavailable as e:
+            self.ops, self._ops_error = None, str(e)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Every move or cast (.to, .cuda, .cpu, .half, ...) goes through here: resolve for the new device.
+        out = super()._apply(fn, *args, **kwargs)
+        self._bind_ops()
+        return out
+
+    def kernels_in_use(self) -> str:
+        """'triton' or 'torch' on the model's current device (KernelsUnavailable where 'triton' cannot run)."""
+        if self.ops is None:
+            raise KernelsUnavailable(self._ops_error)
+        return self.ops.name
+
+    def block_matrices(self) -> list[tuple[nn.Parameter, list[int]]]:
+        """The 2-D weights inside the blocks, each with the row sizes of the logical matrices packed in
+        it: [q, k, v] for the attention input, [gate, up] for the SwiGLU input, one part otherwise."""
+        out = []
+        for block in self.blocks:
+            attn, mlp = block.attn, block.mlp
+            out += [(attn.c_attn.weight, attn.qkv_sizes), (attn.c_proj.weight, [attn.c_proj.weight.shape[0]]),
+                    (mlp.c_fc.weight, mlp.fc_sizes), (mlp.c_proj.weight, [mlp.c_proj.weight.shape[0]])]
+        return out
 
     def _init_weights(self, module):
         std = self.config.init_std
@@ -127,10 +178,8 @@ class GPT(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         device = self.wte.weight.device
-        try:
-            choice = ops.describe(c.kernels, device)
-        except RuntimeError as e:
-            choice = f"{c.kernels} (unavailable: {e})"
+        choice = f"{self.kernels} -> {self.ops.name} ({device.type})" if self.ops is not None else \
+            f"{self.kernels} (unavailable on {device.type})"
         return (f"params={self.num_params():,}, layers={c.n_layer}, heads={c.n_head}/{c.n_kv_head} (q/kv), "
                 f"d_model={c.n_embd}, kernels={choice}")
 
@@ -172,11 +221,13 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}; "
                              f"crop the input to the last {self.config.block_size} tokens")
-        op = ops.select(self.config.kernels, idx.device)
+        op = self.ops
+        if op is None:
+            raise KernelsUnavailable(self._ops_error)
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.drop(self.wte(idx))
         for i, block in enumerate(self.blocks):
-            if self.config.gradient_checkpointing and self.training and cache is None:
+            if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, cos, sin, op, use_reentrant=False)
             else:
                 x = block(x, cos, sin, op, cache, i)
@@ -199,12 +250,12 @@ class GPT(nn.Module):
                  top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
                  dtype: torch.dtype | str | None = None) -> torch.Tensor:
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens). See gpt/generate.py."""
-        from .generate import generate
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         generator=generator, use_cache=use_cache, dtype=dtype)
 
 
-def create_model(preset: str = "tiny", **overrides) -> GPT:
-    """A freshly initialised GPT of the named preset (tiny/small/medium/large), fields overridden."""
-    from .config import preset_config
-    return GPT(preset_config(preset, **overrides))
+def create_model(preset: str = "tiny", kernels: str = "auto", gradient_checkpointing: bool = False,
+                 **overrides) -> GPT:
+    """A freshly initialised GPT of the named preset (tiny/small/medium/large), GPTConfig fields overridden;
+    `kernels` and `gradient_checkpointing` as in `GPT`."""
+    return GPT(preset_config(preset, **overrides), kernels=kernels, gradient_checkpointing=gradient_checkpointing)

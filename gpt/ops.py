@@ -3,19 +3,28 @@
 kernels="torch":  PyTorch ops with the semantics of kernels/reference.py, SDPA for attention.
 kernels="triton": the hand-written kernels in kernels/ (CUDA, or CPU under TRITON_INTERPRET=1).
 kernels="auto":   Triton when the tensors are on CUDA and Triton imports, else the PyTorch path.
-Both paths have the same signatures and layouts (DESIGN.md section 2).
+
+The choice is a run-time option, not part of the model's architecture: the model resolves it once per
+device (`GPT(config, kernels=...)`, again when moved) into an `Ops` table, and nothing of it is saved in
+a checkpoint. Both tables have the same signatures and layouts (kernels/__init__.py).
 """
 from __future__ import annotations
 
+import functools
 import warnings
+from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
+import kernels
+from kernels import KernelsUnavailable, reference
 from kernels._runtime import triton_unavailable_reason
 
-from .config import KERNEL_MODES
+from .errors import ConfigError
+
+KERNEL_MODES = ("auto", "triton", "torch")
 
 
 def _decode_attention(q, k, v, scale: float | None):
@@ -75,8 +84,7 @@ def torch_swiglu(gate, up):
 
 
 def torch_swiglu_packed(gate_up):
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return torch_swiglu(*gate_up.chunk(2, dim=-1))
 
 
 _WARNED: set = set()
@@ -88,77 +96,63 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
-class TorchOps:
-    """PyTorch path: PyTorch's own fused ops for the row-wise math, SDPA for attention.
-    Same semantics as kernels/reference.py; intermediate rounding may differ in bf16/fp16."""
-    name = "torch"
-    rms_norm = staticmethod(torch_rms_norm)
-    rope = staticmethod(torch_rope)
-    rope_qk = staticmethod(torch_rope_qk)
-    swiglu = staticmethod(torch_swiglu)
-    swiglu_packed = staticmethod(torch_swiglu_packed)
-    attention = staticmethod(sdpa_attention)
+@dataclass(frozen=True)
+class Ops:
+    """The hot ops the model calls, under the names and signatures of `kernels.OPS`."""
+    name: str                 # "triton" or "torch"
+    rms_norm: Callable
+    rope: Callable
+    rope_qk: Callable
+    swiglu: Callable
+    swiglu_packed: Callable
+    attention: Callable
 
 
-class TritonOps:
-    """Triton path. Imports are deferred so that the PyTorch path never needs Triton."""
-    name = "triton"
+# PyTorch's own fused ops for the row-wise math, SDPA for attention. Same semantics as
+# kernels/reference.py; intermediate rounding may differ in bf16/fp16.
+TORCH_OPS = Ops("torch", rms_norm=torch_rms_norm, rope=torch_rope, rope_qk=torch_rope_qk, swiglu=torch_swiglu,
+                swiglu_packed=torch_swiglu_packed, attention=sdpa_attention)
 
-    @staticmethod
-    def rms_norm(x, weight, eps=1e-6, residual=None):
-        from kernels.rms_norm import rms_norm
-        return rms_norm(x, weight, eps, residual=residual)
 
-    @staticmethod
-    def rope(x, cos, sin):
-        from kernels.rope import rope
-        return rope(x, cos, sin)
+def _triton_attention(q, k, v, causal=True, scale=None):
+    if q.dtype == torch.float32 and q.is_cuda:
+        # The flash kernels are fp16/bf16 only on GPUs (fp32 tiles spill and miss the tensor cores);
+        # fp32 runs (--dtype float32) take SDPA for attention and keep the Triton row-wise ops.
+        _warn_once("kernels='triton': fp32 attention on CUDA uses SDPA; train with --dtype bfloat16 "
+                   "(the default) to use the Triton flash attention")
+        return sdpa_attention(q, k, v, causal=causal, scale=scale)
+    return kernels.attention(q, k, v, causal=causal, scale=scale)
 
-    @staticmethod
-    def rope_qk(q, k, cos, sin):
-        from kernels.rope import rope_qk
-        return rope_qk(q, k, cos, sin)
 
-    @staticmethod
-    def swiglu(gate, up):
-        from kernels.swiglu import swiglu
-        return swiglu(gate, up)
+@functools.cache
+def triton_ops() -> Ops:
+    """The Triton kernels (imported here, on first use: the PyTorch path never needs Triton)."""
+    table = {f.name: getattr(kernels, f.name) for f in fields(Ops) if f.name not in ("name", "attention")}
+    return Ops("triton", **table, attention=_triton_attention)
 
-    @staticmethod
-    def swiglu_packed(gate_up):
-        from kernels.swiglu import swiglu_packed
-        return swiglu_packed(gate_up)
 
-    @staticmethod
-    def attention(q, k, v, causal=True, scale=None):
-        if q.dtype == torch.float32 and q.is_cuda:
-            # The flash kernels are fp16/bf16 only on GPUs (fp32 tiles spill and miss the tensor cores);
-            # fp32 runs (--dtype float32) take SDPA for attention and keep the Triton row-wise ops.
-            _warn_once("kernels='triton': fp32 attention on CUDA uses SDPA; train with --dtype bfloat16 "
-                       "(the default) to use the Triton flash attention")
-            return sdpa_attention(q, k, v, causal=causal, scale=scale)
-        from kernels.attention import attention
-        return attention(q, k, v, causal=causal, scale=scale)
+def check_mode(mode: str) -> str:
+    if mode not in KERNEL_MODES:
+        raise ConfigError(f"unknown kernels mode {mode!r}; use one of {', '.join(KERNEL_MODES)}")
+    return mode
 
 
 def resolve(mode: str, device: torch.device | str) -> str:
-    """'triton' or 'torch' for `mode` on `device`; 'triton' where it cannot run is a clear error."""
+    """'triton' or 'torch' for `mode` on `device`; 'triton' where it cannot run raises KernelsUnavailable."""
     device = torch.device(device)
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"unknown kernels mode {mode!r}; use one of {', '.join(KERNEL_MODES)}")
-    if mode == "torch":
+    if check_mode(mode) == "torch":
         return "torch"
     reason = triton_unavailable_reason(device)
     if mode == "triton":
         if reason is not None:
-            raise RuntimeError(f"kernels='triton' cannot run here: {reason}")
+            raise KernelsUnavailable(f"kernels='triton' cannot run here: {reason}")
         return "triton"
     return "triton" if device.type == "cuda" and reason is None else "torch"
 
 
-def select(mode: str, device: torch.device | str) -> type[TorchOps] | type[TritonOps]:
-    """The op table (rms_norm, rope, swiglu, attention) that `mode` means on `device`."""
-    return TritonOps if resolve(mode, device) == "triton" else TorchOps
+def select(mode: str, device: torch.device | str) -> Ops:
+    """The op table that `mode` means on `device`."""
+    return triton_ops() if resolve(mode, device) == "triton" else TORCH_OPS
 
 
 def describe(mode: str, device: torch.device | str) -> str:

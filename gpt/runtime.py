@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
+
+from kernels._runtime import dtype_name
+
+from .errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -19,11 +24,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ValueError(f"unknown device {name!r} ({e}); use auto, cpu, cuda, cuda:N or mps") from None
+        raise ConfigError(f"unknown device {name!r} ({e}); use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is visible; use --device cpu or auto")
+        raise ConfigError("device 'cuda' requested but no CUDA GPU is visible; use --device cpu or auto")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("device 'mps' requested but MPS is not available; use --device cpu or auto")
+        raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu or auto")
     return device
 
 
@@ -43,10 +48,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+        raise ConfigError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
     dtype = DTYPES[name]
     if dtype == torch.float16 and device.type == "cpu":
-        raise ValueError("float16 autocast on CPU is slow and imprecise; use --dtype bfloat16 or float32")
+        raise ConfigError("float16 autocast on CPU is slow and imprecise; use --dtype bfloat16 or float32")
     return dtype
 
 
@@ -55,10 +60,6 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 # Dense peak TFLOP/s per GPU family (vendor datasheets; bf16/fp16 tensor cores, fp32 = TF32 dense where
@@ -86,8 +87,8 @@ _MEASURED_PEAK: dict = {}
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """Best observed FLOP/s of an n x n matmul in `dtype` on `device` (used as the CPU's peak)."""
-    import time
+    """Best observed FLOP/s of an n x n matmul in `dtype` on `device`: the CPU's peak for MFU, and the
+    benchmarks' measured matmul roofline on every device."""
     g = torch.Generator().manual_seed(0)  # a private generator: measuring must not shift the global RNG
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)

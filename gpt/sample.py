@@ -6,12 +6,11 @@ import sys
 
 import torch
 
-from . import ops
-from .config import GPTConfig
+from .checkpoint import load_model
+from .errors import USER_ERRORS, ConfigError
 from .generate import generate_stream
-from .model import GPT
+from .ops import KERNEL_MODES
 from .runtime import dtype_name, resolve_device, resolve_dtype
-from .tokenizer import tokenizer_from_dict
 
 INTERACTIVE_HELP = """commands:
   /temp X     sampling temperature (0 = greedy)      /topk K   keep the K most likely tokens (0 = off)
@@ -19,19 +18,6 @@ INTERACTIVE_HELP = """commands:
   /reset      forget the conversation so far         /show     print the current settings
   /help       this text                              /quit     exit (or Ctrl-D)
 Anything else is appended to the session text and the model continues it."""
-
-
-def load_model(path: str, device: torch.device, kernels: str | None = None):
-    """(model in eval mode on device, tokenizer, checkpoint dict) from a training checkpoint."""
-    from train.checkpoint import load_checkpoint
-    ck = load_checkpoint(path)
-    cfg = ck["model_config"]
-    if kernels is not None:
-        cfg = {**cfg, "kernels": kernels}
-    model = GPT(GPTConfig.from_dict(cfg))
-    model.load_state_dict(ck["model"])
-    model.to(device).eval()
-    return model, tokenizer_from_dict(ck["tokenizer"]), ck
 
 
 class Streamer:
@@ -56,7 +42,7 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     bad = tokenizer.unknown_chars(text)
     if bad:
         shown = " ".join(repr(c) for c in bad[:10])
-        raise ValueError(f"the prompt has characters the model's tokenizer does not know: {shown}; "
+        raise ConfigError(f"the prompt has characters the model's tokenizer does not know: {shown}; "
                          f"remove or replace them")
     ids = tokenizer.encode(text) if text else []
     if not ids:
@@ -107,7 +93,7 @@ def interactive(model, tokenizer, args, generator) -> None:
                 value = float(arg) if cmd in ("/temp", "/topp") else int(arg)
                 if (cmd == "/temp" and value < 0) or (cmd == "/topp" and not 0 < value <= 1) or \
                         (cmd in ("/topk", "/tokens") and value < 0):
-                    raise ValueError(f"{cmd}: value {arg} out of range")
+                    raise ConfigError(f"{cmd}: value {arg} out of range")
                 setattr(args, {"/temp": "temperature", "/topk": "top_k", "/topp": "top_p",
                                "/tokens": "max_tokens"}[cmd], value)
                 print(f"({cmd[1:]} = {value})")
@@ -121,7 +107,7 @@ def interactive(model, tokenizer, args, generator) -> None:
         text = line + "\n" if line else ""
         try:
             new = encode_prompt(tokenizer, text) if text else ([] if history else encode_prompt(tokenizer, ""))
-        except ValueError as e:
+        except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             continue
         history += new
@@ -143,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="for reproducible samples")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--kernels", default=None, choices=("auto", "triton", "torch"), help="override the checkpoint's")
+    p.add_argument("--kernels", default="auto", choices=KERNEL_MODES,
+                   help="Triton kernels or PyTorch ops (auto: Triton on CUDA); whatever the model trained with")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="also load checkpoints that need pickle (older formats); this can run code in the file")
     p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=1)
     p.add_argument("--no-cache", action="store_true", help="recompute the context each step (slow; for checking)")
     p.add_argument("--interactive", action="store_true", help="a prompt loop; /help lists commands")
@@ -154,20 +143,19 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.max_tokens < 0:
-            raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+            raise ConfigError(f"--max-tokens must be >= 0, got {args.max_tokens}")
         if args.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+            raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
         if args.top_p is not None and not 0 < args.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+            raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
         device = resolve_device(args.device)
         args.compute_dtype = resolve_dtype(args.dtype, device)
-        model, tokenizer, _ = load_model(args.ckpt, device, args.kernels)
-        if args.compute_dtype != torch.float32:
-            model.cast_weights_(args.compute_dtype)   # decoding reads every weight per token: halve the bytes
-        ops.resolve(model.config.kernels, device)      # 'triton' where it cannot run: one clear line
+        # Decoding reads every weight once per token: store them in the compute dtype (half the bytes in bf16).
+        model, tokenizer, _ = load_model(args.ckpt, device, args.compute_dtype, args.kernels, args.trust_checkpoint)
+        kernels_used = model.kernels_in_use()   # 'triton' where it cannot run: one clear line, before any work
         generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
         print(f"loaded {args.ckpt}: {model.num_params():,} params, {tokenizer.kind} tokenizer, "
-              f"{device} {dtype_name(args.compute_dtype)}, kernels {ops.describe(model.config.kernels, device)}",
+              f"{device} {dtype_name(args.compute_dtype)}, kernels {args.kernels} -> {kernels_used}",
               file=sys.stderr)
         if args.interactive:
             interactive(model, tokenizer, args, generator)
@@ -183,7 +171,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

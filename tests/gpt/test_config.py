@@ -1,7 +1,13 @@
-import pytest
+import dataclasses
 
-from gpt import GPT, GPTConfig, create_model, preset_config
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from gpt import GPT, GPTConfig, create_model, ops, preset_config
 from gpt.config import NOMINAL_PARAMS, PRESETS
+from gpt.errors import ConfigError
+from kernels import reference
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -28,10 +34,20 @@ def test_param_count_matches_hand_count():
     assert GPT(untied).num_params() == expected + 100 * 32
 
 
-def test_flops_per_token_formula():
-    c = GPTConfig(vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, mlp_hidden=64, block_size=16)
-    m = GPT(c)
-    assert m.flops_per_token(16) == 6 * m.num_params() + 12 * 2 * 4 * 8 * 16
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_flops_per_token_matches_a_counted_training_step(mlp):
+    """PyTorch's FlopCounterMode counts every matmul of a forward + backward. The formula's 6N includes
+    the norm gains, which do no matmul (6 FLOPs per gain per token), and counts attention without the
+    causal halving, as the reference attention computes it (full score matrix, then the mask)."""
+    c = GPTConfig(vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, mlp=mlp)
+    model = GPT(c, kernels="torch")
+    model.ops = dataclasses.replace(ops.TORCH_OPS, attention=reference.attention)
+    B, T = 3, 16
+    idx = torch.randint(0, 100, (B, T))
+    with FlopCounterMode(display=False) as counter:
+        model(idx, idx)[1].backward()
+    norm_gains = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    assert counter.get_total_flops() == B * T * (model.flops_per_token(T) - 6 * norm_gains)
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -40,7 +56,6 @@ def test_flops_per_token_formula():
     (dict(n_embd=36, n_head=4, n_kv_head=4), "n_head"),  # head_dim 9 is odd
     (dict(mlp="relu"), "mlp"),
     (dict(norm="batch"), "norm"),
-    (dict(kernels="cuda"), "kernels"),
     (dict(dropout=1.5), "dropout"),
     (dict(n_layer=0), "n_layer"),
 ])
@@ -54,6 +69,17 @@ def test_unknown_preset_and_field():
         create_model("huge")
     with pytest.raises(ValueError, match="unknown GPTConfig field"):
         create_model("tiny", n_layers=3)
+
+
+def test_kernel_choice_is_a_runtime_option_not_a_config_field():
+    assert "kernels" not in GPTConfig().to_dict() and "gradient_checkpointing" not in GPTConfig().to_dict()
+    with pytest.raises(ConfigError, match="unknown field"):
+        GPTConfig.from_dict({**GPTConfig().to_dict(), "kernels": "triton"})
+    with pytest.raises(ConfigError, match="unknown kernels mode 'cuda'; use one of auto, triton, torch"):
+        create_model("tiny", n_layer=1, kernels="cuda")
+    model = create_model("tiny", n_layer=1, kernels="torch")
+    assert model.kernels == "torch" and model.kernels_in_use() == "torch" and "kernels=torch -> torch (cpu)" in repr(model)
+    assert model.use_kernels("auto") is model and model.kernels == "auto"
 
 
 def test_config_dict_round_trip():

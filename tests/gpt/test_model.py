@@ -111,7 +111,7 @@ def test_input_errors_are_clear():
 def test_gradient_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     a = GPT(tiny_config(dropout=0.0))
-    b = GPT(tiny_config(gradient_checkpointing=True))
+    b = GPT(tiny_config(), gradient_checkpointing=True)
     b.load_state_dict(a.state_dict())
     idx = torch.randint(0, 64, (2, 16))
     a(idx, idx)[1].backward()

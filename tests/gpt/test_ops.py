@@ -2,8 +2,10 @@
 import pytest
 import torch
 
-from gpt import ops
-from kernels import reference
+import kernels
+from gpt import GPT, GPTConfig, ops
+from gpt.errors import ConfigError
+from kernels import KernelsUnavailable, reference
 from kernels.testing import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -64,25 +66,47 @@ def test_sdpa_attention_matches_reference(hq, hkv, tq, tk):
 def test_dispatch_rules(monkeypatch):
     assert ops.resolve("auto", "cpu") == "torch"
     assert ops.resolve("torch", "cpu") == "torch"
-    assert ops.select("torch", "cpu") is ops.TorchOps
+    assert ops.select("torch", "cpu") is ops.TORCH_OPS
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="kernels='triton' cannot run here: Triton kernels need a CUDA GPU.*"
-                                           "TRITON_INTERPRET=1"):
+    with pytest.raises(KernelsUnavailable, match="kernels='triton' cannot run here: Triton kernels need a CUDA GPU.*"
+                                                 "TRITON_INTERPRET=1"):
         ops.resolve("triton", "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert ops.resolve("triton", "cpu") == "triton"
+    assert ops.select("triton", "cpu").rms_norm is kernels.rms_norm
     assert ops.describe("auto", "cpu") == "auto -> torch (cpu)"
-    with pytest.raises(ValueError, match="unknown kernels mode"):
+    with pytest.raises(ConfigError, match="unknown kernels mode"):
         ops.resolve("fast", "cpu")
 
 
-def test_fused_forms_match_their_parts():
-    q, k = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16)
-    cos, sin = torch.randn(9, 8), torch.randn(9, 8)
-    rq, rk = ops.torch_rope_qk(q, k, cos, sin)
-    assert torch.equal(rq, ops.torch_rope(q, cos, sin)) and torch.equal(rk, ops.torch_rope(k, cos, sin))
-    gu = torch.randn(3, 5, 64)
-    torch.testing.assert_close(ops.torch_swiglu_packed(gu), reference.swiglu_packed(gu))
+def test_triton_model_built_on_cpu_fails_only_when_run_there(monkeypatch):
+    """kernels='triton' resolves per device: building on a CPU is fine (the model may move to a GPU next);
+    running there is a KernelsUnavailable naming the fix."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = GPT(GPTConfig(vocab_size=20, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, block_size=8), kernels="triton")
+    assert "triton (unavailable on cpu)" in repr(model)
+    with pytest.raises(KernelsUnavailable, match="TRITON_INTERPRET=1"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model.to("cpu")  # a move resolves again
+    assert model.kernels_in_use() == "triton"
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (3, 3)])
+def test_fused_forms_match_an_independent_computation(hq, hkv):
+    """Rotate-half RoPE is the complex product (x1 + i x2) e^(i angle) per position and pair."""
+    q, k = torch.randn(2, hq, 9, 16, dtype=torch.float64), torch.randn(2, hkv, 9, 16, dtype=torch.float64)
+    angle = torch.randn(9, 8, dtype=torch.float64)
+    rq, rk = ops.torch_rope_qk(q, k, angle.cos(), angle.sin())
+
+    def complex_rotation(x):
+        z = torch.complex(x[..., :8], x[..., 8:]) * torch.polar(torch.ones_like(angle), angle)
+        return torch.cat((z.real, z.imag), dim=-1)
+    torch.testing.assert_close(rq, complex_rotation(q), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rk, complex_rotation(k), rtol=1e-12, atol=1e-12)
+    gu = torch.randn(3, 5, 64, dtype=torch.float64)
+    gate, up = gu[..., :32], gu[..., 32:]
+    torch.testing.assert_close(ops.torch_swiglu_packed(gu), gate / (1 + torch.exp(-gate)) * up)
 
 
 def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():

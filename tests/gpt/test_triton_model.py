@@ -18,9 +18,7 @@ pytestmark = pytest.mark.skipif(triton_unavailable_reason(DEVICE) is not None,
 
 
 def make(kernels, dtype, base):
-    m = copy.deepcopy(base)
-    m.config = GPTConfig(**{**base.config.to_dict(), "kernels": kernels})
-    return m.to(device=DEVICE, dtype=dtype)
+    return copy.deepcopy(base).use_kernels(kernels).to(device=DEVICE, dtype=dtype)
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
