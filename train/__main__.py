@@ -9,26 +9,25 @@ from dataclasses import MISSING, fields
 import torch
 
 from gpt.config import PRESETS, GPTConfig
+from gpt.ops import KERNEL_MODES
 
-from .checkpoint import CheckpointError
-from .config import TRAIN_PRESETS, TrainConfig, resolve_config
-from .data import DataError
-from .loop import Trainer, TrainingError
-from .optim import OPTIMIZERS
+from .config import MODEL_FIELDS, OPTIMIZERS, TRAIN_PRESETS, TrainConfig, resolve_config
+from .errors import TRAIN_ERRORS
+from .loop import Trainer
 
 HELP = {
-    "preset": f"model size: {', '.join(PRESETS)}", "kernels": "auto | triton | torch",
-    "dataset": "'shakespeare' (default, offline) or a text file / directory / glob", "data": "alias of --dataset",
+    "preset": f"model size: {', '.join(PRESETS)}", "kernels": "Triton kernels or PyTorch ops (auto: Triton on CUDA)",
+    "dataset": "'shakespeare' (default, offline) or a text file / directory / glob",
     "tokenizer": "char | bpe | gpt2", "vocab_size": "bpe vocabulary size (default 8192)",
     "device": "auto | cpu | cuda | cuda:N | mps", "dtype": "auto | float32 | bfloat16 | float16",
     "time_budget": "minutes of wall clock; ends cleanly and fits the LR schedule to it",
     "resume": "continue exactly from OUT_DIR/ckpt.pt", "compile": "torch.compile the model",
+    "gradient_checkpointing": "recompute each block in the backward (less memory, ~30%% more compute)",
     "optimizer": "adamw | muon (Muon for the blocks' matrices at --matrix-lr, AdamW at --lr for the rest)",
     "matrix_lr": "Muon's peak learning rate (with --optimizer muon)", "momentum": "Muon's Nesterov momentum",
 }
-CHOICES = {"preset": list(PRESETS), "optimizer": list(OPTIMIZERS)}
-# Model fields that are set through train flags (kernels) or the tokenizer (vocab_size) instead.
-SKIP_MODEL = {"kernels", "vocab_size", "gradient_checkpointing"}
+CHOICES = {"preset": list(PRESETS), "optimizer": list(OPTIMIZERS), "kernels": list(KERNEL_MODES)}
+ALIASES = {"dataset": ["--data"], "gradient_checkpointing": ["--grad-checkpointing"]}
 
 
 def _flag(name: str) -> str:
@@ -48,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "defaults < the preset's training defaults (train/config.py) < --config < flags.")
     p.add_argument("--config", help="a .toml or .py file setting the same names as these flags")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="--resume from a checkpoint that needs pickle (older formats); this can run code in the file")
     train = p.add_argument_group("training")
     for f in fields(TrainConfig):
         if f.name == "model":
@@ -56,17 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default if f.default is not MISSING else None
         preset_note = " or the preset's" if any(f.name in d for d in TRAIN_PRESETS.values()) else ""
         help_ = (HELP.get(f.name, "") + f" (default: {default}{preset_note})").strip()
+        names = [_flag(f.name), *ALIASES.get(f.name, [])]
         if conv is bool:
-            train.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_)
+            train.add_argument(*names, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            train.add_argument(_flag(f.name), type=conv, default=None, help=help_,
+            train.add_argument(*names, type=conv, default=None, help=help_,
                                **({"choices": CHOICES[f.name]} if f.name in CHOICES else {}))
-    train.add_argument("--data", dest="dataset", default=None, help=argparse.SUPPRESS)
-    train.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                       help="recompute each block in the backward (less memory, ~30%% more compute)")
     model = p.add_argument_group("model (override the preset)")
     for f in fields(GPTConfig):
-        if f.name in SKIP_MODEL:
+        if f.name not in MODEL_FIELDS:
             continue
         conv = _type_of(f)
         help_ = f"GPTConfig.{f.name} (default: the preset's)"
@@ -83,12 +82,10 @@ def parse(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     args = build_parser().parse_args(argv)
     cli: dict = {"model": {}}
     for k, v in vars(args).items():
-        if v is None or k in ("config", "print_config"):
+        if v is None or k in ("config", "print_config", "trust_checkpoint"):
             continue
         if k.startswith("model."):
             cli["model"][k[len("model."):]] = v
-        elif k == "grad_checkpointing":
-            cli["model"]["gradient_checkpointing"] = v
         else:
             cli[k] = v
     return resolve_config(cli, args.config), args
@@ -100,25 +97,20 @@ def main(argv=None) -> int:
         print("config: " + json.dumps(cfg.to_dict(), sort_keys=True), flush=True)
         if args.print_config:
             return 0
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, trust_checkpoint=args.trust_checkpoint)
         print("model config: " + json.dumps(trainer.model_config.to_dict(), sort_keys=True), flush=True)
         result = trainer.train()
         print("result: " + json.dumps(result), flush=True)
         return 0
     except KeyboardInterrupt:
         return 130
-    except (ValueError, CheckpointError, DataError, TrainingError) as e:
+    except TRAIN_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
         print("error: out of GPU memory; lower --batch-size (raise --grad-accum to keep tokens per step), "
-              "use --grad-checkpointing, or a smaller --preset", file=sys.stderr)
+              "use --gradient-checkpointing, or a smaller --preset", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        if "kernels='triton' cannot run here" in str(e) or "device" in str(e).lower():
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

@@ -1,22 +1,19 @@
-"""Checkpoints: atomic writes, validated loads, and the RNG state needed for exact resume."""
+"""Writing training checkpoints: atomic saves, and the RNG states exact resume needs.
+
+The file format and loading live in gpt/checkpoint.py. What training adds (optimizer, scaler, run state,
+RNG states) is stored as tensors and plain values too, so every checkpoint loads with weights_only=True.
+"""
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
-REQUIRED_KEYS = ("model", "model_config", "tokenizer")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or does not fit the run; the message says what to do."""
+from gpt.checkpoint import FORMAT_VERSION
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
@@ -39,28 +36,13 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load and sanity-check a checkpoint; any problem is a CheckpointError naming the file and the fix."""
-    path = Path(path)
-    if not path.exists():
-        hint = " (train one with `python -m train`, or pass --ckpt PATH)" if path.suffix == ".pt" else ""
-        raise CheckpointError(f"checkpoint {path} does not exist{hint}")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; pass the checkpoint file, e.g. {path / 'ckpt.pt'}")
-    try:
-        # weights_only=False: the checkpoint holds plain dicts, numpy RNG state and config dicts that
-        # we wrote ourselves; only load checkpoints you trust.
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:120]}); use another file or retrain") from None
-    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
-        raise CheckpointError(f"{path} is not a tritongpt checkpoint (missing {', '.join(REQUIRED_KEYS)})")
-    return state
-
-
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG the run draws from, as tensors and plain values (numpy's key array as an int64 tensor)."""
+    bit_generator, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"bit_generator": bit_generator, "key": torch.from_numpy(key.astype(np.int64)), "pos": pos,
+                       "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -68,7 +50,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):
+        np_state = (np_state["bit_generator"], np_state["key"].numpy().astype(np.uint32), np_state["pos"],
+                    np_state["has_gauss"], np_state["cached_gaussian"])
+    np.random.set_state(np_state)  # a format-1 checkpoint (read with --trust-checkpoint) holds numpy's own tuple
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import runpy
+import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from gpt.config import PRESETS, GPTConfig
+from gpt.config import PRESETS, GPTConfig, preset_config
+from gpt.errors import ConfigError
+from gpt.ops import KERNEL_MODES
 
-from .optim import OPTIMIZERS
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -15,7 +18,6 @@ class TrainConfig:
     # model
     preset: str = "tiny"               # tiny | small | medium | large (gpt/config.py)
     model: dict = field(default_factory=dict)  # GPTConfig overrides, e.g. {"n_layer": 4, "dropout": 0.1}
-    kernels: str = "auto"              # auto | triton | torch
     # data
     dataset: str = "shakespeare"       # "shakespeare" or a text file / directory / glob
     tokenizer: str = "char"            # char | bpe | gpt2
@@ -42,7 +44,9 @@ class TrainConfig:
     # runtime
     device: str = "auto"               # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                # auto | float32 | bfloat16 | float16 (autocast; see gpt/runtime.py)
+    kernels: str = "auto"              # auto | triton | torch (gpt/ops.py): a run-time choice, not saved with the model
     compile: bool = False              # torch.compile the model
+    gradient_checkpointing: bool = False  # recompute each block in the backward: less memory, ~30% more compute
     seed: int = 1337
     time_budget: float | None = None   # minutes of wall clock (evals included); the LR schedule fits it
     # evaluation, logging, checkpoints
@@ -57,26 +61,27 @@ class TrainConfig:
         return asdict(self)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
-        from gpt.config import preset_config
-        return preset_config(self.preset, vocab_size=vocab_size, kernels=self.kernels, **self.model)
+        return preset_config(self.preset, vocab_size=vocab_size, **self.model)
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
-        unknown = sorted(set(self.model) - {f.name for f in fields(GPTConfig)})
+            raise ConfigError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        unknown = sorted(set(self.model) - MODEL_FIELDS)
         if unknown:
-            raise ValueError(f"unknown model field(s) {unknown}")
+            raise ConfigError(f"unknown model field(s) {unknown}; known: {', '.join(sorted(MODEL_FIELDS))}")
         for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.kernels not in KERNEL_MODES:
+            raise ConfigError(f"unknown kernels {self.kernels!r}; choose one of: {', '.join(KERNEL_MODES)}")
         if self.matrix_lr <= 0 or not 0 <= self.momentum < 1:
-            raise ValueError(f"need matrix_lr > 0 and 0 <= momentum < 1, got {self.matrix_lr}, {self.momentum}")
+            raise ConfigError(f"need matrix_lr > 0 and 0 <= momentum < 1, got {self.matrix_lr}, {self.momentum}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+            raise ConfigError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if self.time_budget is not None and self.time_budget <= 0:
-            raise ValueError(f"time_budget is in minutes and must be positive, got {self.time_budget}")
+            raise ConfigError(f"time_budget is in minutes and must be positive, got {self.time_budget}")
 
 
 # Defaults per model preset, chosen for the hardware each preset targets (tiny: a laptop CPU).
@@ -88,7 +93,8 @@ TRAIN_PRESETS: dict[str, dict] = {
 }
 
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
-MODEL_FIELDS = {f.name for f in fields(GPTConfig)} - {"kernels", "vocab_size"}
+# GPTConfig fields a run may set (flags, config files); the vocabulary follows the tokenizer.
+MODEL_FIELDS = {f.name for f in fields(GPTConfig)} - {"vocab_size"}
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -96,32 +102,33 @@ def load_config_file(path: str | Path) -> dict:
     are both accepted; model fields may also sit under a [model] table / `model = {...}` dict."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist")
     if path.suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
         try:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     elif path.suffix == ".py":
         raw = {k: v for k, v in runpy.run_path(str(path)).items() if not k.startswith("_")}
         raw = {k: v for k, v in raw.items() if not callable(v) and not hasattr(v, "__file__")}
     else:
-        raise ValueError(f"config file {path}: use a .toml or .py file")
+        raise ConfigError(f"config file {path}: use a .toml or .py file")
     out: dict = {}
     for k, v in raw.items():
         k = k.replace("-", "_")
         if k == "model" and isinstance(v, dict):
-            out.setdefault("model", {}).update({mk.replace("-", "_"): mv for mk, mv in v.items()})
+            model = {mk.replace("-", "_"): mv for mk, mv in v.items()}
+            misplaced = sorted(set(model) & (TRAIN_FIELDS - MODEL_FIELDS))
+            if misplaced:
+                raise ConfigError(f"config file {path}: {', '.join(misplaced)} is a run setting, not part of the "
+                                  f"model: move it out of [model] to the top level of the file")
+            out.setdefault("model", {}).update(model)
         elif k in TRAIN_FIELDS:
             out[k] = v
         elif k in MODEL_FIELDS:
             out.setdefault("model", {})[k] = v
         else:
-            raise ValueError(f"config file {path}: unknown setting {k!r}")
+            raise ConfigError(f"config file {path}: unknown setting {k!r}")
     return out
 
 
@@ -130,7 +137,7 @@ def resolve_config(cli: dict, config_file: str | None = None) -> TrainConfig:
     file_settings = load_config_file(config_file) if config_file else {}
     preset = cli.get("preset") or file_settings.get("preset") or TrainConfig.preset
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     settings: dict = dict(TRAIN_PRESETS.get(preset, {}))
     model: dict = {}
     for layer in (file_settings, cli):

@@ -14,12 +14,16 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from gpt.checkpoint import load_model
+from gpt.errors import CheckpointError, ConfigError
+from gpt.ops import KERNEL_MODES
 from gpt.runtime import autocast, dtype_name, resolve_device, resolve_dtype
 
-from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .data import DataError, windows_at
+from .errors import TRAIN_ERRORS
 from .loop import open_data
 
 
@@ -38,7 +42,6 @@ def split_loss(model, tokens: np.ndarray, batch_size: int, device: torch.device,
         batches.append(([len(starts) * T], n_pred % T))
     bar = None
     if progress and sys.stderr.isatty():
-        from tqdm import tqdm
         bar = tqdm(total=n_pred, unit="tok", unit_scale=True, file=sys.stderr, leave=False)
     total = 0.0
     for group, L in batches:
@@ -62,19 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (autocast)")
+    p.add_argument("--kernels", default="auto", choices=KERNEL_MODES,
+                   help="Triton kernels or PyTorch ops (auto: Triton on CUDA); whatever the model trained with")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="also load checkpoints that need pickle (older formats); this can run code in the file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
     return p
 
 
 def main(argv=None) -> int:
-    from gpt.sample import load_model
     args = build_parser().parse_args(argv)
     try:
         if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+            raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
-        model, tokenizer, ck = load_model(args.ckpt, device)
+        model, tokenizer, ck = load_model(args.ckpt, device, kernels=args.kernels, trust=args.trust_checkpoint)
+        model.kernels_in_use()  # 'triton' where it cannot run: one clear line, before the data is opened
         if "train_config" not in ck:
             raise CheckpointError(f"checkpoint {args.ckpt} does not say which data it was trained on "
                                   f"(no train_config); evaluate a checkpoint written by python -m train")
@@ -92,7 +99,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError) as e:  # CheckpointError, DataError and bad flags among them
+    except TRAIN_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     unit = "char" if tokenizer.kind == "char" else "token"

@@ -1,5 +1,7 @@
 """Optimizers: AdamW, and Muon for the blocks' weight matrices with AdamW for everything else.
 
+`make_optimizer(model, cfg, device)` builds the optimizer a TrainConfig asks for.
+
 Muon (Keller Jordan et al., 2024; used by modded-nanogpt's speedruns and nanochat) takes the
 momentum of a matrix's gradient and replaces it by the nearest semi-orthogonal matrix, U V^T of its
 SVD, computed approximately with a few Newton-Schulz iterations. Every direction of the update then
@@ -16,7 +18,7 @@ import torch
 
 from gpt import GPT
 
-OPTIMIZERS = ("adamw", "muon")
+from .config import TrainConfig
 
 # Quintic Newton-Schulz coefficients from Keller Jordan's Muon: chosen so that the iteration pushes
 # every singular value in (0, 1] into about [0.7, 1.2] within five steps (it does not converge to
@@ -45,7 +47,8 @@ class MuonAdamW(torch.optim.Optimizer):
     """Muon on groups with ``muon=True``, AdamW on the rest.
 
     Muon group: momentum (Nesterov) on the gradient, then each row block named in ``splits`` of the
-    parameter (e.g. the q, k and v parts of a packed projection) is orthogonalized on its own and
+    parameter (the row sizes of the logical matrices packed in it, e.g. the q, k and v parts of the
+    attention input projection; see GPT.block_matrices) is orthogonalized on its own and
     scaled by sqrt(max(1, rows / cols)), which makes the update's RMS entry 1/sqrt(cols) whatever
     the aspect ratio; decoupled weight decay ``lr * weight_decay``. AdamW group: the usual update with
     bias correction and decoupled weight decay.
@@ -82,9 +85,8 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - mu)
             g = p.grad.lerp(buf, mu)  # Nesterov: look one momentum step ahead
-            splits = group["splits"][i] if group["splits"] else None
             row = 0
-            for part in g.split(splits) if splits else (g,):
+            for part in g.split(group["splits"][i]):
                 by_shape[part.shape].append((len(params), row, part))
                 row += part.size(0)
             params.append(p)
@@ -122,19 +124,10 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def muon_groups(model: GPT, matrix_lr: float, adam_lr: float, weight_decay: float) -> list[dict]:
-    """Muon for the blocks' projection matrices (split into their logical matrices: q | k | v of the
-    packed attention input, gate | up of the packed SwiGLU input); AdamW for the embedding/head and
-    the norm gains (and biases), weight decay on matrices only."""
-    c = model.config
-    matrices, splits = [], []
-    for block in model.blocks:
-        attn, mlp = block.attn, block.mlp
-        qkv = [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
-        fc = [c.hidden_size, c.hidden_size] if c.mlp == "swiglu" else None
-        for weight, split in ((attn.c_attn.weight, qkv), (attn.c_proj.weight, None),
-                              (mlp.c_fc.weight, fc), (mlp.c_proj.weight, None)):
-            matrices.append(weight)
-            splits.append(split)
+    """Muon for the blocks' projection matrices (split into the logical matrices the model says they
+    pack: q | k | v, gate | up); AdamW for the embedding/head and the norm gains (and biases), weight
+    decay on matrices only."""
+    matrices, splits = map(list, zip(*model.block_matrices()))
     taken = {id(p) for p in matrices}
     rest = [p for p in model.parameters() if id(p) not in taken and p.requires_grad]
     return [
@@ -142,3 +135,17 @@ def muon_groups(model: GPT, matrix_lr: float, adam_lr: float, weight_decay: floa
         {"params": [p for p in rest if p.dim() >= 2], "lr": adam_lr, "weight_decay": weight_decay},
         {"params": [p for p in rest if p.dim() < 2], "lr": adam_lr, "weight_decay": 0.0},
     ]
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """cfg.optimizer "adamw": AdamW, weight decay on matrices (>= 2-D) only, fused kernels on CUDA,
+    foreach elsewhere. "muon": Muon for the blocks' matrices at cfg.matrix_lr, AdamW at cfg.lr for the
+    rest. Each group starts at its peak rate; the schedule scales that."""
+    if cfg.optimizer == "muon":
+        groups = muon_groups(model, cfg.matrix_lr, cfg.lr, cfg.weight_decay)
+        return MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), momentum=cfg.momentum)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)

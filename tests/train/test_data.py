@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import train.data as data_mod
 from gpt.tokenizer import build_tokenizer
 from train.data import DataError, get_batch, play_to_text, prepare_dataset, shakespeare_text
+from train.data import sources as data_sources
+from train.data import tokens as data_tokens
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +96,7 @@ def test_cache_is_reused_without_tokenizing(shakespeare, data_dir, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("re-tokenized although the cache is valid")
 
-    monkeypatch.setattr(data_mod, "_write_tokens", fail)
+    monkeypatch.setattr(data_tokens, "_write_tokens", fail)
     again = prepare_dataset("shakespeare", "char", data_dir)
     assert again.from_cache
     assert again.meta == shakespeare.meta
@@ -159,9 +160,9 @@ def test_pieces_encode_exactly_like_the_whole_text(shakespeare, data_dir):
     text, _ = shakespeare_text(data_dir)
     text = text[:100_000] + "  trailing  spaces \n\n\n" + text[100_000:120_000]
     for tok in (build_tokenizer("gpt2"), build_tokenizer("bpe", text, vocab_size=400)):
-        pieces = list(data_mod._safe_cuts(text, 1000))
+        pieces = list(data_tokens._safe_cuts(text, 1000))
         assert len(pieces) > 50 and "".join(pieces) == text
-        ids = np.concatenate(list(data_mod._token_arrays(tok, [text], chunk=1000)))
+        ids = np.concatenate(list(data_tokens._token_arrays(tok, [text], chunk=1000)))
         assert ids.tolist() == tok.encode(text)
 
 
@@ -230,7 +231,7 @@ def test_hf_hub_name_without_network_fails_fast(tmp_path, monkeypatch):
                         hf_cache_dir=tmp_path / "hf")
     assert time.perf_counter() - t0 < 15
     assert "'tritongpt-tests/no-such-dataset'" in str(err.value) and "\n" not in str(err.value)
-    if not data_mod._hub_reachable():
+    if not data_sources._hub_reachable():
         assert "not in the local cache and the Hub is unreachable" in str(err.value)
 
 

@@ -1,10 +1,19 @@
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig, load_model
+from gpt.checkpoint import read_checkpoint
+from kernels.testing import FWD_FACTOR, assert_close_to_reference
+from train.config import TrainConfig
 from train.evaluate import split_loss
+from train.loop import Trainer, open_data
 
 
 @pytest.mark.parametrize("length", [97, 16 * 6 + 1])  # a shorter last window, and none
@@ -21,3 +30,64 @@ def test_split_loss_scores_every_token_once_with_its_window_context(length):
         ref = [F.cross_entropy(model(data[(j - 1) // T * T:j][None])[0][0, -1], data[j]) for j in range(1, length)]
     # fp32 both ways, summed in another order: a few ulps of the ~3-nat mean.
     assert loss == pytest.approx(torch.stack(ref).mean().item(), rel=1e-5)
+
+
+def _per_token_losses(model, tokens: np.ndarray, T: int) -> torch.Tensor:
+    """Cross-entropy of every token of `tokens[1:]`, in the consecutive windows split_loss uses."""
+    data = torch.from_numpy(tokens.astype(np.int64))
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(data) - 1, T):
+            x, y = data[s:s + T][None], data[s + 1:s + T + 1][None]
+            x = x[:, :y.shape[1]]
+            logits = model(x)[0][0]
+            out.append(F.cross_entropy(logits.double(), y[0], reduction="none"))
+    return torch.cat(out)
+
+
+def test_a_checkpoint_trained_on_the_triton_kernels_is_scored_and_sampled_on_pytorch(tmp_path):
+    """Trained with kernels='triton' (Triton's interpreter on this CPU), the checkpoint carries no kernel
+    choice: the evaluator and the sampler run it on PyTorch with --kernels torch, and every token's loss
+    matches the Triton model's within the kernel tests' rule (kernels/testing.py: at most 2x the float32
+    PyTorch model's error against the float64 one, plus one float32 ulp)."""
+    rng = np.random.default_rng(0)
+    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler"]
+    (tmp_path / "corpus.txt").write_text(" ".join(rng.choice(words, 1500)) + "\n")
+    T = 32
+    cfg = TrainConfig(dataset=str(tmp_path / "corpus.txt"), data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "out"),
+                      model=dict(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, block_size=T), batch_size=4,
+                      max_iters=4, eval_interval=4, eval_iters=1, warmup_iters=1, kernels="triton", device="cpu",
+                      dtype="float32", progress=False)
+    assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+    Trainer(cfg).train()
+    ckpt = tmp_path / "out" / "ckpt.pt"
+    assert "kernels" not in read_checkpoint(ckpt)["model_config"]
+
+    val = open_data(cfg).val
+    losses = {}
+    for name, kernels, dtype in (("triton", "triton", torch.float32), ("torch32", "torch", torch.float32),
+                                 ("torch64", "torch", torch.float64)):
+        model, _, _ = load_model(ckpt, kernels=kernels)
+        losses[name] = _per_token_losses(model.to(dtype), val, T)
+    assert len(losses["triton"]) == len(val) - 1
+    assert_close_to_reference("per-token loss", losses["triton"], losses["torch64"], losses["torch32"], FWD_FACTOR,
+                              torch.float32)
+
+    # The evaluator's CLI on a CPU without the interpreter: exactly the in-process torch figure (the same
+    # computation on one thread: equal to the last bit), whose tokens all passed the rule above.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    run = lambda *args: subprocess.run([sys.executable, "-m", *args, "--ckpt", str(ckpt), "--kernels", "torch"],
+                                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    ev = run("train.evaluate", "--json", "--dtype", "float32")
+    assert ev.returncode == 0, ev.stderr
+    cli = json.loads(ev.stdout)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want, n = split_loss(load_model(ckpt, kernels="torch")[0], val, 32, torch.device("cpu"), torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    assert (cli["tokens"], cli["loss"]) == (n, want) and n == len(val) - 1
+    sample = run("gpt.sample", "--prompt", "to be", "--max-tokens", "10", "--seed", "0", "--dtype", "float32")
+    assert sample.returncode == 0 and sample.stdout.startswith("to be") and "kernels torch -> torch" in sample.stderr, \
+        sample.stderr

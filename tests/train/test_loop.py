@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from gpt import GPT
-from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gpt.checkpoint import read_checkpoint
+from gpt.errors import CheckpointError, ConfigError
+from train.checkpoint import save_checkpoint
 from train.config import TrainConfig, load_config_file, resolve_config
 from train.data import DataError
 from train.loop import Trainer, TrainingError, lr_at
@@ -60,8 +62,8 @@ def test_resume_continues_exactly(tmp_path, data_dir, optimizer):
     a, b = train_losses(tmp_path / "a" / "out"), train_losses(tmp_path / "b" / "out")
     assert sorted(a) == sorted(b) == list(range(1, 21))
     assert [a[i] for i in range(14, 21)] == [b[i] for i in range(14, 21)]
-    ca = load_checkpoint(tmp_path / "a" / "out" / "ckpt.pt")
-    cb = load_checkpoint(tmp_path / "b" / "out" / "ckpt.pt")
+    ca = read_checkpoint(tmp_path / "a" / "out" / "ckpt.pt")
+    cb = read_checkpoint(tmp_path / "b" / "out" / "ckpt.pt")
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
 
@@ -80,7 +82,7 @@ def test_interrupt_saves_a_checkpoint_that_resumes_exactly(tmp_path, data_dir, m
     trainer._step = step
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
-    assert load_checkpoint(tmp_path / "b" / "out" / "ckpt.pt")["iter"] == 7
+    assert read_checkpoint(tmp_path / "b" / "out" / "ckpt.pt")["iter"] == 7
     Trainer(cfg_for(tmp_path / "b", data_dir, resume=True)).train()
     a, b = train_losses(tmp_path / "a" / "out"), train_losses(tmp_path / "b" / "out")
     assert [a[i] for i in range(8, 21)] == [b[i] for i in range(8, 21)]
@@ -97,7 +99,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"model": {"w": torch.zeros(3)}, "model_config": {}, "tokenizer": {}}, path)
     monkeypatch.undo()
-    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert torch.equal(read_checkpoint(path)["model"]["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"], "temp file left behind"
 
 
@@ -116,19 +118,19 @@ save_checkpoint({{"model": {{"w": torch.zeros(2)}}, "model_config": {{}}, "token
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
     assert proc.returncode != 0
-    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert torch.equal(read_checkpoint(path)["model"]["w"], torch.ones(2))
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path, data_dir):
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pt")
+        read_checkpoint(tmp_path / "missing.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="corrupt or not a checkpoint"):
-        load_checkpoint(bad)
+        read_checkpoint(bad)
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a tritongpt checkpoint"):
-        load_checkpoint(tmp_path / "other.pt")
+        read_checkpoint(tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="no checkpoint at .* drop --resume"):
         Trainer(cfg_for(tmp_path, data_dir, resume=True))
     Trainer(cfg_for(tmp_path, data_dir)).train(stop_at=2)
@@ -144,7 +146,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
     trainer._step = lambda: float("nan") if trainer.state.iter >= 7 else real_step()
     with pytest.raises(TrainingError, match="loss is nan at iter 8.*untouched"):
         trainer.train()
-    ck = load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    ck = read_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert ck["iter"] == 5 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
@@ -164,7 +166,7 @@ def test_time_budget_ends_cleanly_with_decayed_lr(tmp_path, data_dir):
            if "lr" in json.loads(line)]
     # The last step starts within one step of the end of the 6 s budget, so well past half-way.
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.5 * cfg.lr, lrs
-    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter"] == result["iters"]
+    assert read_checkpoint(tmp_path / "out" / "ckpt.pt")["iter"] == result["iters"]
 
 
 def test_lr_schedule_shape():
@@ -235,6 +237,9 @@ def test_cli_train_then_sample_end_to_end(tmp_path, data_dir):
     (["train", "--preset", "huge"], "invalid choice: 'huge'"),
     (["train", "--resume", "--out-dir", "nowhere"], "error: --resume: no checkpoint at nowhere/ckpt.pt"),
     (["train", "--kernels", "triton", "--device", "cpu", "--max-iters", "1"], "kernels='triton' cannot run here"),
+    (["train", "--kernels", "cuda"], "invalid choice: 'cuda'"),
+    (["gpt.sample", "--kernels", "cuda"], "invalid choice: 'cuda'"),
+    (["train.evaluate", "--kernels", "cuda"], "invalid choice: 'cuda'"),
     (["gpt.sample", "--ckpt", "missing.pt"], "error: checkpoint missing.pt does not exist"),
     (["train.evaluate", "--ckpt", "missing.pt"], "error: checkpoint missing.pt does not exist"),
     (["train", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
@@ -263,4 +268,28 @@ def test_sigterm_saves_a_checkpoint(tmp_path, data_dir):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted: checkpoint saved" in err
-    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter"] >= 5
+    assert read_checkpoint(tmp_path / "out" / "ckpt.pt")["iter"] >= 5
+
+
+def test_run_settings_under_model_in_a_config_file_are_a_clear_error(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('kernels = "torch"\ngradient_checkpointing = true\n[model]\nn_layer = 2\n')
+    assert load_config_file(toml) == {"kernels": "torch", "gradient_checkpointing": True, "model": {"n_layer": 2}}
+    toml.write_text('[model]\nkernels = "triton"\n')
+    with pytest.raises(ConfigError, match="kernels is a run setting, not part of the model: move it out of \\[model\\]"):
+        load_config_file(toml)
+
+
+def test_the_cli_turns_only_the_projects_errors_into_one_line(tmp_path, data_dir, monkeypatch, capsys):
+    """A CUDA failure mentioning 'device' is a bug to see in full, not a one-line user error."""
+    import train.__main__ as cli
+
+    def boom(*a, **k):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+    monkeypatch.setattr(cli, "Trainer", boom)
+    args = ["--device", "cpu", "--data-dir", data_dir, "--out-dir", str(tmp_path / "out")]
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        cli.main(args)
+    monkeypatch.setattr(cli, "Trainer", lambda *a, **k: (_ for _ in ()).throw(DataError("no such corpus; pass --dataset")))
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err == "error: no such corpus; pass --dataset\n"
