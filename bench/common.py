@@ -12,6 +12,7 @@ class RunContext:
     device: torch.device
     quick: bool                       # --quick (the default): small sweeps, few repeats
     dtype: torch.dtype                # kernels suite input dtype
+    kernels: list[str]                # implementations to time: "torch" and/or "triton" (resolved --kernels)
     sizes: list[int] | None = None    # --sizes override for the kernels suite
     presets: list[str] | None = None  # --preset override for train / decode
     compile: bool = True              # include torch.compile providers / modes

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from gpt import create_model, ops
+from gpt import create_model
 from gpt.config import PRESETS
 from gpt.generate import generate_stream
 from gpt.runtime import dtype_name, resolve_dtype
@@ -32,9 +32,9 @@ def default_presets(ctx: RunContext) -> list[str]:
     return list(PRESETS) if ctx.device.type == "cuda" else ["tiny", "small"]
 
 
-def _model(preset: str, ctx: RunContext):
+def _model(preset: str, kernels: str, ctx: RunContext):
     torch.manual_seed(0)
-    model = create_model(preset).to(ctx.device).eval()
+    model = create_model(preset, kernels=kernels).to(ctx.device).eval()
     if ctx.device.type == "cuda":
         model = model.to(torch.bfloat16)
         return model, None, "bfloat16 weights"
@@ -124,37 +124,37 @@ def run(ctx: RunContext) -> list[dict]:
     presets = default_presets(ctx)
     records = []
     for preset in presets:
-        try:
-            model, dtype, precision = _model(preset, ctx)
-            recs = generation(preset, model, dtype, ctx, new_tokens)
-            # The context sweep on the largest preset run (it is the one where context matters most).
-            if preset == presets[-1]:
-                recs += context_sweep(preset, model, dtype, ctx)
-        except Exception as e:  # out of memory, or a kernel being written: note it, run the other presets
-            if ctx.device.type == "cuda":
-                torch.cuda.empty_cache()
-            ctx.note(f"decode {preset} skipped: {type(e).__name__}: {str(e).strip()[:200]}")
-            continue
-        for r in recs:
-            r["precision"] = precision
-            r["kernels"] = ops.resolve(model.config.kernels, ctx.device)
-        records += recs
+        for kernels in ctx.kernels:
+            try:
+                model, dtype, precision = _model(preset, kernels, ctx)
+                recs = generation(preset, model, dtype, ctx, new_tokens)
+                # The context sweep on the largest preset run (it is the one where context matters most).
+                if preset == presets[-1]:
+                    recs += context_sweep(preset, model, dtype, ctx)
+            except Exception as e:  # out of memory, or a kernel being written: note it, run the other presets
+                if ctx.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                ctx.note(f"decode {preset} kernels={kernels} skipped: {type(e).__name__}: {str(e).strip()[:200]}")
+                continue
+            for r in recs:
+                r["precision"] = precision
+                r["kernels"] = kernels
+            records += recs
     return records
 
 
-GEN_COLUMNS = [("preset", "preset"), ("batch", "batch"), ("kv_cache", "KV cache"), ("new_tokens", "new tokens"),
+GEN_COLUMNS = [("preset", "preset"), ("kernels", "kernels"), ("batch", "batch"), ("kv_cache", "KV cache"), ("new_tokens", "new tokens"),
                ("tokens_per_s", "tokens/s"), ("per_token_ms", "ms/token"), ("per_token_p20_ms", "p20"),
                ("per_token_p80_ms", "p80"), ("first_token_ms", "1st token ms"), ("gbps", "GB/s"),
                ("pct_copy_bw", "% copy BW")]
-CTX_COLUMNS = [("preset", "preset"), ("context", "context"), ("kv_cache", "KV cache"), ("per_token_ms", "ms/token"),
+CTX_COLUMNS = [("preset", "preset"), ("kernels", "kernels"), ("context", "context"), ("kv_cache", "KV cache"), ("per_token_ms", "ms/token"),
                ("tokens_per_s", "tokens/s"), ("gbps", "GB/s"), ("pct_copy_bw", "% copy BW")]
 
 
 def print_tables(records: list[dict], ctx: RunContext) -> None:
     gen = [r for r in records if r["test"] == "generate"]
     precision = gen[0]["precision"] if gen else ""
-    kernels = gen[0]["kernels"] if gen else ""
-    log(format_table(f"decode: greedy generation, prompt {PROMPT_LEN} tokens (MEASURED; {precision}; kernels {kernels})",
+    log(format_table(f"decode: greedy generation, prompt {PROMPT_LEN} tokens (MEASURED; {precision})",
                      gen, GEN_COLUMNS))
     sweep = [r for r in records if r["test"] == "context"]
     if sweep:

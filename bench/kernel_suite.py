@@ -1,13 +1,13 @@
 """`kernels` suite: every op over a size sweep, per provider, as time, GB/s or TFLOP/s and % of the roofline.
 
-Providers: `triton` (ours, CUDA only), `torch` (kernels.reference, eager), `compile` (torch.compile of
-the reference), `sdpa` (attention only: F.scaled_dot_product_attention, the model's PyTorch path).
+Providers: `triton` (ours: `kernels.<op>`, when the run times the Triton kernels, see --kernels), `torch`
+(kernels.reference, eager), `compile` (torch.compile of the reference), `sdpa` (attention only:
+F.scaled_dot_product_attention, the model's PyTorch path).
 The roofline is this device's measured copy bandwidth and measured matmul peak (bench/timing.py), and
 bytes/FLOPs come from bench/roofline.py, the same formulas as the static GPU estimates.
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 import time
 from dataclasses import dataclass
@@ -15,6 +15,9 @@ from typing import Callable
 
 import torch
 
+import kernels
+from gpt.model import rope_table
+from gpt.ops import sdpa_attention
 from kernels import reference
 
 from . import roofline
@@ -59,25 +62,18 @@ def _attention(q, k, v):
 
 
 def _sdpa(q, k, v):
-    from gpt.ops import sdpa_attention
     return sdpa_attention(q, k, v, causal=True)
 
 
-# op name -> (module and function in kernels/, adapter to the benchmark's positional signature)
+# op name -> our kernel (from the kernels package's table of public ops), in the benchmark's positional signature
 _TRITON_ENTRY = {
-    "rms_norm": ("rms_norm", lambda fn: lambda x, w: fn(x, w, EPS)),
-    "rms_norm_residual": ("rms_norm", lambda fn: lambda x, w, r: fn(x, w, EPS, residual=r)),
-    "rope": ("rope", lambda fn: fn),
-    "swiglu": ("swiglu", lambda fn: fn),
-    "attention": ("attention", lambda fn: lambda q, k, v: fn(q, k, v, causal=True)),
-    "decode_attention": ("attention", lambda fn: lambda q, k, v: fn(q, k, v, causal=True)),
+    "rms_norm": lambda: lambda x, w: kernels.rms_norm(x, w, EPS),
+    "rms_norm_residual": lambda: lambda x, w, r: kernels.rms_norm(x, w, EPS, residual=r),
+    "rope": lambda: kernels.rope,
+    "swiglu": lambda: kernels.swiglu,
+    "attention": lambda: lambda q, k, v: kernels.attention(q, k, v, causal=True),
+    "decode_attention": lambda: lambda q, k, v: kernels.attention(q, k, v, causal=True),
 }
-
-
-def _triton(name: str) -> Callable:
-    """Our kernel for op `name`, imported lazily (raises if the module or function is missing)."""
-    module, adapt = _TRITON_ENTRY[name]
-    return adapt(getattr(importlib.import_module(f"kernels.{module}"), module))
 
 
 @dataclass(frozen=True)
@@ -100,7 +96,6 @@ def _randn(*shape, device, dtype):
 
 
 def _rope_inputs(s, device, dtype):
-    from gpt.model import rope_table
     cos, sin = rope_table(s["T"], s["D"], 10000.0, device=device)
     return [_randn(s["B"], s["H"], s["T"], s["D"], device=device, dtype=dtype), cos, sin]
 
@@ -169,9 +164,9 @@ def default_sizes(device: torch.device, quick: bool) -> tuple[list[int], list[in
 
 def _providers(op: Op, ctx: RunContext) -> dict[str, Callable]:
     out: dict[str, Callable] = {}
-    if ctx.device.type == "cuda":
+    if "triton" in ctx.kernels:
         try:
-            out["triton"] = _triton(op.name)
+            out["triton"] = _TRITON_ENTRY[op.name]()
         except Exception as e:  # a kernel module being written, or broken: say so, time the rest
             ctx.note(f"triton provider for {op.name} unavailable ({type(e).__name__}: {e})")
     out["torch"] = op.reference
@@ -251,7 +246,7 @@ def measure(op: Op, direction: str, size: int, provider: str, fn: Callable, ctx:
 
 
 def run(ctx: RunContext) -> list[dict]:
-    if ctx.device.type != "cuda":
+    if "triton" not in ctx.kernels:
         ctx.note("Triton kernel numbers need a CUDA GPU: on this machine the kernels suite times only the "
                  "PyTorch providers (eager reference, torch.compile of it, SDPA for attention). "
                  "See the static suite for compiled-kernel resources and ESTIMATED GPU rooflines.")

@@ -27,9 +27,12 @@ import torch  # noqa: E402
 
 from bench import decode_suite, kernel_suite, plots, static_suite, train_suite  # noqa: E402
 from bench.common import RunContext, log, progress  # noqa: E402
-from bench.timing import measure_copy_bandwidth, measure_matmul_peak  # noqa: E402
+from bench.timing import measure_copy_bandwidth  # noqa: E402
+from gpt import ops  # noqa: E402
 from gpt.config import PRESETS  # noqa: E402
-from gpt.runtime import DTYPES, cpu_has_native_bf16, dtype_name, peak_flops, resolve_device  # noqa: E402
+from gpt.errors import USER_ERRORS  # noqa: E402
+from gpt.runtime import (DTYPES, cpu_has_native_bf16, dtype_name, measure_matmul_flops, peak_flops,  # noqa: E402
+                         resolve_device)
 
 SUITES = ("kernels", "train", "decode", "static")
 REPO = Path(__file__).resolve().parent.parent
@@ -52,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated kernel sweep sizes: rows for row-wise ops, sequence length for attention")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="kernels suite input dtype")
+    p.add_argument("--kernels", default=None, choices=ops.KERNEL_MODES,
+                   help="time only this implementation in the train and decode suites and as the kernels suite's "
+                        "`triton` provider (default: every one that runs here: torch, and triton on CUDA)")
     p.add_argument("--out", default=None, help="output directory (default: bench/results/<time>-<device>-<mode>)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers and training modes")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -123,7 +129,7 @@ def calibrate(ctx: RunContext, name: str) -> dict:
     """This device's roofline, measured once: copy bandwidth and a large bf16 matmul."""
     progress("[calibrate] copy bandwidth and matmul peak")
     if ctx.device.type == "cuda":
-        matmul = measure_matmul_peak(ctx.device, ctx.dtype, ctx.quick)
+        matmul = measure_matmul_flops(ctx.device, ctx.dtype, n=8192, reps=10 if ctx.quick else 50)
     else:  # the same measured number the train suite's MFU divides by
         matmul = peak_flops(ctx.device, ctx.dtype)[0]
     return {"device_name": name, "kind": "measured",
@@ -155,7 +161,7 @@ def summary(results: dict, out_dir: Path, seconds: float, ctx: RunContext, devic
                                    round(r["tokens_per_s"], 1) for r in train}
     dec = [r for r in results.get("decode", []) if r.get("test") == "generate"]
     if dec:
-        s["decode_tokens_per_s"] = {f"{r['preset']} b{r['batch']} {'cache' if r['kv_cache'] else 'no-cache'}":
+        s["decode_tokens_per_s"] = {f"{r['preset']} {r['kernels']} b{r['batch']} {'cache' if r['kv_cache'] else 'no-cache'}":
                                     round(r["tokens_per_s"], 1) for r in dec}
     comp = [r for r in results.get("static", []) if r.get("table") == "compile"]
     if comp:
@@ -164,16 +170,29 @@ def summary(results: dict, out_dir: Path, seconds: float, ctx: RunContext, devic
     return s
 
 
+def kernel_modes(choice: str | None, device: torch.device) -> list[str]:
+    """The implementations to time: --kernels resolved on `device` (KernelsUnavailable for 'triton' where it
+    cannot run), or by default PyTorch and, where 'auto' picks them, the Triton kernels."""
+    if choice is None:
+        return list(dict.fromkeys(["torch", ops.resolve("auto", device)]))
+    return [ops.resolve(choice, device)]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+        kernels = kernel_modes(args.kernels, device)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({_cpu_model()})"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.out or REPO / "bench" / "results" / f"{stamp}-{device.type}-{'quick' if args.quick else 'full'}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(device=device, quick=args.quick, dtype=DTYPES[args.dtype], sizes=_ints(args.sizes),
+    ctx = RunContext(device=device, quick=args.quick, dtype=DTYPES[args.dtype], kernels=kernels, sizes=_ints(args.sizes),
                      presets=args.presets,
                      compile=not args.no_compile, batch_size=args.batch_size, seq_len=args.seq_len,
                      new_tokens=args.new_tokens, contexts=_ints(args.contexts))
@@ -183,6 +202,7 @@ def main(argv=None) -> int:
            else "python bench/run.py " + " ".join(argv),
            "argv": sys.argv[1:] if argv is None else list(argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "settings": {"suites": args.suites, "mode": "quick" if args.quick else "full", "device": str(device),
+                        "kernels": kernels,
                         "kernels_dtype": args.dtype, "sizes": ctx.sizes, "presets": ctx.presets,
                         "compile": ctx.compile, "threads": torch.get_num_threads()},
            "machine": machine_info(device), "calibration": {}, "results": {}, "plots": [], "notes": ctx.notes}

@@ -1,4 +1,4 @@
-"""Timers, one-off device calibration (copy bandwidth, matmul peak) and peak-memory tracking.
+"""Timers, one-off device calibration (copy bandwidth) and peak-memory tracking.
 
 CPU: torch.utils.benchmark (blocked autorange over all intra-op threads). CUDA: triton.testing.do_bench
 (it flushes L2 before every run; callers also rotate through input copies larger than L2).
@@ -10,10 +10,12 @@ import contextlib
 import math
 import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
+from torch.utils import benchmark
 
 
 @dataclass
@@ -41,7 +43,6 @@ def summarize(times: list[float], method: str) -> Timing:
 
 def time_cpu(fn, min_run_time: float = 0.2, min_samples: int = 5) -> Timing:
     """torch.utils.benchmark over all of torch's intra-op threads (its default is one thread)."""
-    from torch.utils import benchmark
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     times = list(timer.blocked_autorange(min_run_time=min_run_time).times)
     while len(times) < min_samples:
@@ -88,7 +89,7 @@ def wall_times(step, n: int, device: torch.device) -> list[float]:
     return out
 
 
-# -- calibration: the roofline of this device, measured once ----------------------------------------------
+# -- calibration: the copy bandwidth of this device, measured once (the matmul peak: gpt.runtime) ------------
 
 def measure_copy_bandwidth(device: torch.device, quick: bool) -> float:
     """Bytes/s of a large device-to-device copy (read + write counted)."""
@@ -97,15 +98,6 @@ def measure_copy_bandwidth(device: torch.device, quick: bool) -> float:
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), device, quick)
     return 2 * src.numel() * src.element_size() / t.median_s
-
-
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, quick: bool, n: int = 8192) -> float:
-    """FLOP/s of an n x n matmul in `dtype` (median of the timed runs). On CPU the runner uses
-    gpt.runtime.peak_flops instead, the number the training MFU divides by."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    t = time_fn(lambda: torch.matmul(a, b), device, quick)
-    return 2 * n ** 3 / t.median_s
 
 
 # -- peak memory ------------------------------------------------------------------------------------------
@@ -122,7 +114,6 @@ def _reset_cpu_peak_rss() -> bool:
 
 def _cpu_peak_rss_bytes() -> int:
     # ru_maxrss is in KiB on Linux (bytes on macOS, where the reset above is unavailable anyway).
-    import sys
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 

@@ -1,7 +1,7 @@
 """`train` suite: tokens/sec, MFU and peak memory of a full training step per preset and mode.
 
 A step is what train/loop.py does for one micro-batch: forward under autocast, backward, gradient
-clipping at 1.0, AdamW (train.loop.make_optimizer: fused on CUDA, foreach on CPU), zero_grad. Data are
+clipping at 1.0, AdamW (train.optim.make_optimizer: fused on CUDA, foreach on CPU), zero_grad. Data are
 random token ids at the preset's vocabulary. MFU = model.flops_per_token(T) x tokens/s / peak, with
 the peak from gpt.runtime.peak_flops (datasheet table on known GPUs, a measured matmul on CPU).
 """
@@ -15,6 +15,8 @@ from gpt import create_model
 from gpt.config import PRESETS
 from gpt.runtime import autocast, dtype_name, peak_flops
 from kernels._runtime import triton_unavailable_reason
+from train.config import TRAIN_PRESETS, TrainConfig
+from train.optim import make_optimizer
 
 from .common import RunContext, format_table, log, progress
 from .timing import peak_memory, wall_times
@@ -40,7 +42,6 @@ def default_presets(ctx: RunContext) -> list[str]:
 
 def step_shape(preset: str, ctx: RunContext) -> tuple[int, int]:
     """(batch, sequence) for one step: --batch-size/--seq-len, else quick CPU shapes, else preset defaults."""
-    from train.config import TRAIN_PRESETS
     default = (TRAIN_PRESETS[preset].get("batch_size", 32), PRESETS[preset]["block_size"])
     if ctx.device.type == "cpu" and ctx.quick:
         default = CPU_QUICK_SHAPES[preset]
@@ -53,20 +54,15 @@ def modes(preset: str, ctx: RunContext) -> list[dict]:
     """(kernels, compile, dtype) combinations to time for `preset` on this device."""
     if ctx.device.type == "cuda":
         dtypes = [torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16]
-        kernel_modes = ["torch", "triton"]
     else:
         dtypes = [torch.float32, torch.bfloat16]
-        kernel_modes = ["torch"]
     compiles = [False]
     if ctx.compile and not (ctx.quick and ctx.device.type == "cpu" and preset != "tiny"):
         compiles.append(True)
-    return [{"kernels": k, "compile": c, "dtype": d} for d in dtypes for k in kernel_modes for c in compiles]
+    return [{"kernels": k, "compile": c, "dtype": d} for d in dtypes for k in ctx.kernels for c in compiles]
 
 
 def measure(preset: str, mode: dict, batch: int, seq: int, ctx: RunContext) -> dict:
-    from train.config import TrainConfig
-    from train.loop import make_optimizer
-
     device, dtype = ctx.device, mode["dtype"]
     rec = {"suite": "train", "kind": "measured", "preset": preset, "kernels": mode["kernels"],
            "compile": mode["compile"], "dtype": dtype_name(dtype), "batch": batch, "seq": seq,
@@ -111,8 +107,8 @@ def measure(preset: str, mode: dict, batch: int, seq: int, ctx: RunContext) -> d
 
 
 def run(ctx: RunContext) -> list[dict]:
-    if ctx.device.type != "cuda":
-        reason = triton_unavailable_reason(ctx.device)
+    if "triton" not in ctx.kernels:
+        reason = triton_unavailable_reason(ctx.device) or "not asked for: --kernels"
         ctx.note(f"train: kernels=triton not timed on {ctx.device.type} ({reason})")
         if ctx.quick and ctx.compile:
             ctx.note("train --quick on CPU: torch.compile timed for tiny only (use --full for every preset)")

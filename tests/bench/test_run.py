@@ -122,18 +122,16 @@ def test_train_mfu_matches_a_hand_count_for_tiny(quick_run):
         assert r["mfu"] == pytest.approx(flops * r["tokens_per_s"] / (r["peak_tflops"] * 1e12))
 
 
-def test_flops_per_token_and_mfu_hand_count_small_config():
+def test_param_count_and_mfu_hand_count_small_config():
+    """The FLOP formula itself is checked against PyTorch's FLOP counter (tests/gpt/test_config.py)."""
     cfg = GPTConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16)
     model = GPT(cfg)
     # hidden = 2/3 * 4 * 32 = 85.3 -> rounded up to a multiple of 64 = 128
     per_block = 32 + 32 * 64 + 32 * 32 + 32 + 32 * 256 + 128 * 32   # = 15,424
     params = 64 * 32 + 2 * per_block + 32                           # = 32,928
     assert model.num_params() == params == 32_928
-    T = 16
-    flops = 6 * 32_928 + 12 * 2 * 4 * 8 * T                          # = 197,568 + 12,288
-    assert model.flops_per_token(T) == flops == 209_856
-    # 1,000 tokens/s on a 1 GFLOP/s machine: 209.856 MFLOP/s used = 20.9856%
-    assert train_suite.mfu(model.flops_per_token(T), 1000.0, 1e9) == pytest.approx(0.209856)
+    # 1,000 tokens/s at 209,856 FLOPs per token on a 1 GFLOP/s machine: 20.9856%
+    assert train_suite.mfu(209_856, 1000.0, 1e9) == pytest.approx(0.209856)
 
 
 def test_roofline_rms_norm_forward_h100_by_hand():
@@ -162,3 +160,20 @@ def test_attention_flops_by_hand():
     # A100: 137.4 GFLOP at 312 TFLOP/s is compute-bound
     est = roofline.estimate(roofline.attention_cost(B, H, 4, T, T, D, 2), roofline.GPUS["A100"])
     assert est["bound"] == "compute" and est["time_us"] == pytest.approx(fwd / 312e12 * 1e6)
+
+
+@pytest.mark.parametrize("kernels, message", [("triton", "error: kernels='triton' cannot run here"),
+                                              ("fast", "invalid choice: 'fast'")])
+def test_kernels_flag_is_checked_before_any_work(tmp_path, kernels, message):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--device", "cpu", "--kernels", kernels,
+                           "--out", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_kernel_modes_default_to_every_implementation_that_runs_here():
+    from bench.run import kernel_modes
+    assert kernel_modes(None, torch.device("cpu")) == ["torch"]
+    assert kernel_modes("auto", torch.device("cpu")) == ["torch"]
