@@ -1,0 +1,88 @@
+"""The packages depend downwards only: bench -> train -> gpt -> kernels.
+
+Checked twice: statically, every import statement anywhere in a package's source (functions included,
+so a lazy import cannot hide an upward dependency), and at run time, importing every module of a
+package in a fresh interpreter in which the packages above it cannot be imported.
+"""
+import ast
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ["kernels", "gpt", "train", "bench"]  # each may import only the ones before it
+# The kernel modules never import the tool that inspects them: the report imports the kernels.
+REPORT = "kernels.report"
+
+
+def _module(path: Path, root: Path) -> str:
+    return ".".join(path.relative_to(root).with_suffix("").parts)
+
+
+def _imports(path: Path, root: Path = ROOT) -> list[tuple[str, int]]:
+    """(absolute module name, line) of every import in the file, anywhere in it, relative ones resolved."""
+    base = _module(path, root).split(".")[:-1]  # the package holding the file (for __init__.py: itself)
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                name = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                name = node.module
+            out.append((name, node.lineno))
+            out += [(f"{name}.{alias.name}", node.lineno) for alias in node.names]
+    return out
+
+
+def _sources(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", LAYERS)
+def test_no_import_reaches_up(package):
+    above = LAYERS[LAYERS.index(package) + 1:]
+    bad = []
+    for path in _sources(package):
+        for name, line in _imports(path):
+            if name.split(".")[0] in above:
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
+            if package == "kernels" and name.startswith(REPORT) and _module(path, ROOT) != REPORT:
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {REPORT}, which should import it instead")
+    assert not bad, "imports against the layering bench -> train -> gpt -> kernels:\n" + "\n".join(bad)
+
+
+def test_the_static_check_sees_lazy_and_relative_imports(tmp_path):
+    """The checker itself: upward imports inside a function, relative or not, are found."""
+    probe = tmp_path / "gpt" / "sub" / "probe.py"
+    probe.parent.mkdir(parents=True)
+    probe.write_text("def f():\n    from ...train import loop\n    from .. import ops\n    import bench.run\n")
+    found = [name for name, _ in _imports(probe, tmp_path)]
+    assert {"train.loop", "gpt.ops", "bench.run"} <= set(found), found
+
+
+BLOCKER = """
+import importlib, importlib.abc, pkgutil, sys
+blocked = set(sys.argv[2:])
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in blocked:
+            raise ImportError(f"layering: {name} must not be imported here")
+sys.meta_path.insert(0, Block())
+package = importlib.import_module(sys.argv[1])
+for info in pkgutil.walk_packages(package.__path__, sys.argv[1] + "."):
+    importlib.import_module(info.name)
+print("ok", sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("package", LAYERS[:-1])
+def test_each_package_imports_with_the_layers_above_it_blocked(package):
+    above = LAYERS[LAYERS.index(package) + 1:]
+    proc = subprocess.run([sys.executable, "-c", BLOCKER, package, *above], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"ok {package}", proc.stderr[-3000:]
