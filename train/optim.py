@@ -60,6 +60,14 @@ class MuonAdamW(torch.optim.Optimizer):
                         muon=False, splits=None)
         super().__init__(groups, defaults)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # The splits describe the model's packed matrices, not optimizer state: keep this model's (a
+        # checkpoint of an older version wrote None for matrices that pack one part).
+        splits = [group["splits"] for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, s in zip(self.param_groups, splits):
+            group["splits"] = s
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

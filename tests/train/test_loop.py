@@ -68,6 +68,29 @@ def test_resume_continues_exactly(tmp_path, data_dir, optimizer):
         assert torch.equal(ca["model"][k], cb["model"][k]), k
 
 
+def test_a_format_1_checkpoint_resumes_exactly_only_when_trusted(tmp_path, data_dir):
+    """Format 1 (before weights_only): numpy's RNG state as numpy's own tuple, the kernel choice and
+    gradient checkpointing in the model config, and None for the Muon splits of one-part matrices."""
+    import numpy as np
+    run = lambda sub, **kw: cfg_for(tmp_path / sub, data_dir, optimizer="muon", **kw)
+    Trainer(run("a")).train()
+    Trainer(run("b")).train(stop_at=13)
+    path = tmp_path / "b" / "out" / "ckpt.pt"
+    ck = read_checkpoint(path)
+    numpy_state = ck["rng"]["numpy"]
+    ck["rng"]["numpy"] = (numpy_state["bit_generator"], numpy_state["key"].numpy().astype(np.uint32),
+                          numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    ck["model_config"].update(kernels="auto", gradient_checkpointing=False)
+    muon = ck["optimizer"]["param_groups"][0]
+    muon["splits"] = [s if len(s) > 1 else None for s in muon["splits"]]
+    torch.save({**ck, "format_version": 1}, path)
+    with pytest.raises(CheckpointError, match="--trust-checkpoint"):
+        Trainer(run("b", resume=True))
+    Trainer(run("b", resume=True), trust_checkpoint=True).train()
+    a, b = train_losses(tmp_path / "a" / "out"), train_losses(tmp_path / "b" / "out")
+    assert [a[i] for i in range(14, 21)] == [b[i] for i in range(14, 21)]
+
+
 def test_interrupt_saves_a_checkpoint_that_resumes_exactly(tmp_path, data_dir, monkeypatch):
     Trainer(cfg_for(tmp_path / "a", data_dir)).train()
     trainer = Trainer(cfg_for(tmp_path / "b", data_dir))
