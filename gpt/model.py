@@ -221,9 +221,8 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}; "
                              f"crop the input to the last {self.config.block_size} tokens")
+        self.kernels_in_use()  # KernelsUnavailable where 'triton' cannot run on this device
         op = self.ops
-        if op is None:
-            raise KernelsUnavailable(self._ops_error)
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.drop(self.wte(idx))
         for i, block in enumerate(self.blocks):

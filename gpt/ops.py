@@ -154,8 +154,3 @@ def select(mode: str, device: torch.device | str) -> Ops:
     """The op table that `mode` means on `device`."""
     return triton_ops() if resolve(mode, device) == "triton" else TORCH_OPS
 
-
-def describe(mode: str, device: torch.device | str) -> str:
-    """Human-readable choice, for logs: e.g. "auto -> torch (cpu)"."""
-    device = torch.device(device)
-    return f"{mode} -> {resolve(mode, device)} ({device.type})"
