@@ -19,15 +19,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+_TRITON_IMPORT: dict = {}  # memo, "error" -> None or the reason. Not functools.cache: torch.compile traces
+                          # this (from the custom ops' fake implementations) and warns about cache wrappers.
+
+
 def triton_import_error() -> str | None:
     """None if triton imports, else the reason it does not."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install raising something else
-        return f"{type(e).__name__}: {e}"
-    return None
+    if "error" not in _TRITON_IMPORT:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON_IMPORT["error"] = None
+        except Exception as e:  # ImportError, or a broken install raising something else
+            _TRITON_IMPORT["error"] = f"{type(e).__name__}: {e}"
+    return _TRITON_IMPORT["error"]
 
 
 def triton_unavailable_reason(device: torch.device | str) -> str | None:
