@@ -87,6 +87,8 @@ def model_config_of(ck: dict, path: str | Path = "the checkpoint") -> GPTConfig:
 def tokenizer_of(ck: dict, path: str | Path = "the checkpoint") -> Tokenizer:
     try:
         return tokenizer_from_dict(ck["tokenizer"])
+    except ConfigError:  # e.g. an optional package the tokenizer needs is missing: that message says what to do
+        raise
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path} has a tokenizer this version cannot rebuild ({e})") from None
 

