@@ -20,7 +20,6 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import ConfigError
 from .optional import import_optional
 
 KINDS = ("char", "bpe", "gpt2")

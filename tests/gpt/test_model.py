@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from gpt import GPT, GPTConfig
 from gpt.generate import KVCache
 
+pytestmark = pytest.mark.usefixtures("device")  # CUDA when present, else the CPU (tests/conftest.py)
+
 
 def tiny_config(**kw):
     base = dict(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32)

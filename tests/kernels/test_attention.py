@@ -1,8 +1,13 @@
 """kernels.attention against kernels.reference.attention in float64 (tolerance rule: kernels/testing.py).
 
-Runs in Triton's interpreter on CPU (tests/conftest.py). The default set covers MHA/GQA/MQA, every
-sequence length and head dim of the issue, causal and not, decode shapes, non-contiguous inputs and
-each code path (FlashAttention-2 forward, split-KV decode, backward); `-m slow` runs the full product.
+Runs on the `device` fixture: a CUDA GPU, or Triton's interpreter on CPU (tests/conftest.py). The default
+set covers MHA/GQA/MQA, sequence lengths off the block sizes, every head dim, causal and not, decode shapes,
+non-contiguous inputs and each code path (FlashAttention-2 forward, split-KV decode, backward); `-m slow`
+runs the full product, and tests/kernels/test_gpu_shapes.py the large shapes on a GPU.
+
+The kernels take fp32 only in the interpreter (on a GPU fp32 tiles spill and miss the tensor cores, and the
+model's fp32 runs take SDPA for attention). Where a test needs a dtype only for its logic it uses LOGIC_DTYPE:
+fp32 in the interpreter, fp16 on a GPU; the accuracy rule is the same for both.
 """
 from __future__ import annotations
 
@@ -11,10 +16,15 @@ import itertools
 import pytest
 import torch
 
-from kernels import reference
+from kernels import KernelsUnavailable, reference
 from kernels.testing import FWD_FACTOR, GRAD_FACTOR, assert_close_to_reference, error_bound
 import kernels._attention as attn
 from kernels._runtime import INTERPRETER_NUM_SMS
+
+ON_GPU = torch.cuda.is_available()
+LOGIC_DTYPE = torch.float16 if ON_GPU else torch.float32
+FP32_ONLY_IN_THE_INTERPRETER = pytest.mark.skipif(ON_GPU, reason="fp32 attention runs only in Triton's interpreter; "
+                                                                 "on a GPU the kernels take fp16/bf16")
 
 
 def make_qkv(B, H, Hkv, Tq, Tk, D, dtype, layout="contiguous"):
@@ -71,14 +81,14 @@ def check_attention(q, k, v, causal, scale=None, *, backward=True, fwd_kwargs=No
 COVERING = [
     (1, 4, 4, 64, 64, True, torch.float16),       # MHA, T a multiple of the blocks
     (2, 4, 2, 129, 80, True, torch.float16),      # GQA 2, T one past a block, padded head dim
-    (1, 8, 2, 300, 32, True, torch.float32),      # GQA 4, several blocks and a tail
+    (1, 8, 2, 300, 32, True, LOGIC_DTYPE),      # GQA 4, several blocks and a tail
     (1, 4, 1, 17, 128, False, torch.float16),     # MQA, non-causal, widest head
-    (2, 4, 1, 129, 16, False, torch.float32),     # MQA, smallest head
-    (1, 2, 2, 17, 16, True, torch.float32),
+    (2, 4, 1, 129, 16, False, LOGIC_DTYPE),     # MQA, smallest head
+    (1, 2, 2, 17, 16, True, LOGIC_DTYPE),
     (1, 4, 2, 64, 128, False, torch.float16),
     (1, 4, 2, 300, 64, True, torch.float16),
     (1, 4, 4, 1, 64, True, torch.float16),        # T = 1 (decode kernel path)
-    (1, 6, 2, 129, 96, True, torch.float32),      # GQA 3, head dim 96
+    (1, 6, 2, 129, 96, True, LOGIC_DTYPE),      # GQA 3, head dim 96
     (1, 4, 2, 129, 64, True, torch.bfloat16),     # bf16: dots upcast in the interpreter
     (1, 4, 1, 17, 80, False, torch.bfloat16),
 ]
@@ -90,9 +100,9 @@ def test_matches_reference(B, H, Hkv, T, D, causal, dtype):
 
 
 @pytest.mark.parametrize("Tq,Tk,H,Hkv,causal,dtype", [
-    (1, 1, 4, 2, True, torch.float16), (1, 100, 4, 2, True, torch.float16), (1, 100, 4, 1, False, torch.float32),
-    (1, 1000, 8, 2, True, torch.float16), (1, 1000, 4, 4, False, torch.float32), (1, 1000, 8, 1, True, torch.bfloat16),
-    (5, 300, 8, 2, True, torch.float32), (4, 256, 8, 2, True, torch.float16), (16, 70, 4, 4, True, torch.float16),
+    (1, 1, 4, 2, True, torch.float16), (1, 100, 4, 2, True, torch.float16), (1, 100, 4, 1, False, LOGIC_DTYPE),
+    (1, 1000, 8, 2, True, torch.float16), (1, 1000, 4, 4, False, LOGIC_DTYPE), (1, 1000, 8, 1, True, torch.bfloat16),
+    (5, 300, 8, 2, True, LOGIC_DTYPE), (4, 256, 8, 2, True, torch.float16), (16, 70, 4, 4, True, torch.float16),
     (40, 100, 4, 2, True, torch.float16),
 ])
 def test_kv_cache_shapes(Tq, Tk, H, Hkv, causal, dtype):
@@ -125,6 +135,7 @@ def check_single_key_fp32(q, k, v, causal):
     assert (dk.double() - dk64).abs().max().item() <= ds_noise * q.abs().max().item() * group
 
 
+@FP32_ONLY_IN_THE_INTERPRETER
 @pytest.mark.parametrize("causal", [True, False])
 def test_single_key_fp32(causal):
     check_single_key_fp32(*make_qkv(2, 4, 2, 1, 1, 64, torch.float32), causal)
@@ -151,21 +162,22 @@ def test_split_kv_auto_splits_long_cache():
 def test_small_blocks(fwd, bwd, Tq, Tk):
     """Several diagonal blocks per row/column, unequal block sizes, Tq < Tk with an offset that is not a
     multiple of either block."""
-    check_attention(*make_qkv(1, 4, 2, Tq, Tk, 32, torch.float32), True,
+    check_attention(*make_qkv(1, 4, 2, Tq, Tk, 32, LOGIC_DTYPE), True,
                     fwd_kwargs=dict(config=fwd, split_kv=0), bwd_config=bwd)
 
 
 @pytest.mark.parametrize("Tq,Tk,split_kv", [(5, 77, 3), (7, 64, 2), (3, 40, 1)])
 def test_decode_small_blocks(Tq, Tk, split_kv):
     """Split-KV decode with 16-key blocks: causally hidden keys inside full blocks and across splits."""
-    check_attention(*make_qkv(2, 4, 2, Tq, Tk, 32, torch.float32), True, backward=False,
+    check_attention(*make_qkv(2, 4, 2, Tq, Tk, 32, LOGIC_DTYPE), True, backward=False,
                     fwd_kwargs=dict(config=attn.Config(16, 16, 4, 1), split_kv=split_kv))
 
 
+@FP32_ONLY_IN_THE_INTERPRETER
 @pytest.mark.parametrize("split_kv", [0, None])
 def test_more_queries_than_keys(split_kv):
-    """Causal with Tq > Tk: the first Tq - Tk queries see no key; like the reference they give 0
-    (log-sum-exp -inf) and zero gradients."""
+    """Causal with Tq > Tk (never in the model): the first Tq - Tk queries see no key; like the reference
+    they give 0 (log-sum-exp -inf) and zero gradients."""
     q, k, v = make_qkv(1, 4, 2, 12, 5, 32, torch.float32)
     out, lse = attn.attention_fwd(q, k, v, True, split_kv=split_kv)
     ref = reference.attention(q.double(), k.double(), v.double(), True)
@@ -188,8 +200,8 @@ def test_noncontiguous_inputs(layout, T):
 
 
 def test_custom_scale_and_empty_cache():
-    check_attention(*make_qkv(1, 4, 2, 33, 33, 32, torch.float32), True, scale=0.3)
-    q, k, v = make_qkv(1, 4, 2, 3, 0, 32, torch.float32)
+    check_attention(*make_qkv(1, 4, 2, 33, 33, 32, LOGIC_DTYPE), True, scale=0.3)
+    q, k, v = make_qkv(1, 4, 2, 3, 0, 32, LOGIC_DTYPE)
     out, lse = attn.attention_fwd(q, k, v, False)
     assert (out == 0).all() and torch.isneginf(lse).all()
 
@@ -197,21 +209,26 @@ def test_custom_scale_and_empty_cache():
 def test_public_api_autograd_and_layout():
     """attention/attention_with_lse through the registered op: autograd for q, k, v (including the
     log-sum-exp's own gradient), the output's (B, T, H, D) memory layout, and a deterministic backward."""
-    q, k, v = (t.requires_grad_() for t in make_qkv(2, 4, 2, 40, 40, 32, torch.float32, layout="model"))
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 4, 2, 40, 40, 32, LOGIC_DTYPE, layout="model"))
     out, lse = attn.attention_with_lse(q, k, v)
-    assert out.transpose(1, 2).is_contiguous()
-    w = torch.randn(lse.shape)
-    (out.pow(2).sum() + (lse * w).sum()).backward()
-    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = reference.attention(qd, kd, vd)
-    (ref.pow(2).sum() + (reference.attention_lse(qd, kd) * w.double()).sum()).backward()
-    for name, got, want in (("dq", q.grad, qd.grad), ("dk", k.grad, kd.grad), ("dv", v.grad, vd.grad)):
-        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4, msg=name)
+    assert out.transpose(1, 2).is_contiguous() and lse.dtype == torch.float32
+    do, w = torch.randn(out.shape, dtype=out.dtype), torch.randn(lse.shape)
+    ((out * do).sum() + (lse * w).sum()).backward()
+
+    def reference_run(cast):
+        leaves = [cast(t.detach()).requires_grad_() for t in (q, k, v)]
+        ref_out, ref_lse = reference.attention(*leaves), reference.attention_lse(*leaves[:2])
+        ((ref_out * cast(do)).sum() + (ref_lse * w.to(ref_lse.dtype)).sum()).backward()
+        return [ref_out, ref_lse] + [t.grad for t in leaves]
+    ref64, ref_same = reference_run(lambda t: t.double()), reference_run(lambda t: t)
+    for i, (name, got) in enumerate((("out", out), ("lse", lse), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad))):
+        assert_close_to_reference(name, got, ref64[i], ref_same[i], FWD_FACTOR if i < 2 else GRAD_FACTOR,
+                                  torch.float32 if name == "lse" else q.dtype)
     grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
     out, lse = attn.attention_with_lse(q, k, v)
-    (out.pow(2).sum() + (lse * w).sum()).backward()
+    ((out * do).sum() + (lse * w).sum()).backward()
     for before, t in zip(grads, (q, k, v)):
         assert torch.equal(before, t.grad), "backward is not deterministic"
 
@@ -219,7 +236,7 @@ def test_public_api_autograd_and_layout():
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(backend):
     """The custom op traces into one graph (fake + autograd registrations); compiled == eager."""
-    q, k, v = make_qkv(1, 4, 2, 24, 24, 16, torch.float32)
+    q, k, v = make_qkv(1, 4, 2, 24, 24, 16, LOGIC_DTYPE)
 
     def f(q, k, v):
         return (attn.attention(q, k, v) * 2).sum()
@@ -236,12 +253,12 @@ def test_torch_compile_fullgraph(backend):
 
 
 def test_opcheck():
-    q, k, v = make_qkv(1, 2, 1, 5, 7, 16, torch.float32, layout="model")
+    q, k, v = make_qkv(1, 2, 1, 5, 7, 16, LOGIC_DTYPE, layout="model")
     torch.library.opcheck(torch.ops.tritongpt.attention_fwd.default, (q, k, v, True, 0.25),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-def _qkv_shapes(q, k, v=None, dtype=torch.float32):
+def _qkv_shapes(q, k, v=None, dtype=torch.float16):
     return lambda: tuple(torch.randn(shape, dtype=dtype) for shape in (q, k, v or k))
 
 
@@ -262,8 +279,8 @@ def test_clear_errors(make, match):
 
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    q = torch.randn(1, 2, 4, 16)
-    with pytest.raises(RuntimeError, match="CUDA GPU"):
+    q = torch.randn(1, 2, 4, 16, device="cpu")
+    with pytest.raises(KernelsUnavailable, match="CUDA GPU"):
         attn.attention(q, q, q)
 
 
@@ -296,6 +313,8 @@ def test_compile_specs_cover_every_kernel():
     (torch.float16, torch.float32, torch.bfloat16))))
 def test_sweep(T, D, heads, causal, dtype):
     H, Hkv = heads
+    if dtype == torch.float32 and ON_GPU:
+        pytest.skip("fp32 attention runs only in Triton's interpreter; on a GPU the kernels take fp16/bf16")
     qkv = make_qkv(1, H, Hkv, T, T, D, dtype, layout="model")
     if T == 1 and dtype == torch.float32:
         check_single_key_fp32(*qkv, causal)

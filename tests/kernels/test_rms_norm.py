@@ -119,7 +119,7 @@ def test_bad_residual():
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(_runtime, "interpreting", lambda: False)
     with pytest.raises(KernelsUnavailable, match="TRITON_INTERPRET=1"):
-        rms_norm(torch.randn(4, 16), torch.randn(16))
+        rms_norm(torch.randn(4, 16, device="cpu"), torch.randn(16, device="cpu"))
 
 
 @pytest.mark.slow
