@@ -64,12 +64,15 @@ def _bandwidth(model, batch: int, context: int, seconds_per_step: float, ctx: Ru
     return {"bytes_per_step": nbytes, "gbps": gbps, "pct_copy_bw": 100 * gbps / ctx.calibration["copy_gbps"]}
 
 
-def generation(preset: str, model, dtype, ctx: RunContext, new_tokens: int) -> list[dict]:
+def generation(preset: str, model, dtype, ctx: RunContext, new_tokens: int, batches=BATCHES,
+               no_cache: bool = True) -> list[dict]:
+    """tokens/s and per-token latency of greedy generation at each batch size, with the KV cache and
+    (no_cache) recomputing the window at every step."""
     records = []
     vocab = model.config.vocab_size
-    for batch in BATCHES:
+    for batch in batches:
         idx = torch.randint(0, vocab, (batch, PROMPT_LEN), device=ctx.device)
-        for use_cache in (True, False):
+        for use_cache in (True, False) if no_cache else (True,):
             progress(f"[decode] {preset} batch={batch} cache={use_cache} {new_tokens} tokens")
             _token_times(model, idx, 2, use_cache, dtype, ctx.device)  # warm-up
             times = _token_times(model, idx, new_tokens, use_cache, dtype, ctx.device)

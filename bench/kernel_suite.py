@@ -32,15 +32,19 @@ MAX_SCORE_BYTES = 2 ** 31
 @dataclass(frozen=True)
 class Geometry:
     """Shapes the sweep sizes map to. size = tokens: rows of the row-wise ops, sequence length of attention."""
-    dim: int = 4096           # width of RMSNorm / SwiGLU rows; RoPE uses dim // head_dim heads
+    dim: int = 4096           # width of RMSNorm rows; RoPE uses dim // head_dim heads
+    hidden: int = 4096        # width of SwiGLU rows (the MLP's hidden size)
     heads: int = 16           # attention query heads
     kv_heads: int = 4         # attention K/V heads (GQA 4:1, like the presets)
     head_dim: int = 64        # every preset's head_dim
-    attn_tokens: int = 16384  # attention batch = max(1, attn_tokens // seq)
+    attn_tokens: int = 16384  # attention batch = attn_tokens // seq, clamped to [min_batch, max_batch]
+    min_batch: int = 1
+    max_batch: int | None = None
     decode_batch: int = 8     # decode attention batch (one query token per sequence)
 
     def attn_batch(self, seq: int) -> int:
-        return max(1, self.attn_tokens // seq)
+        batch = max(self.min_batch, self.attn_tokens // seq)
+        return min(batch, self.max_batch) if self.max_batch else batch
 
 
 GPU_GEOMETRY = Geometry()
@@ -119,7 +123,7 @@ OPS: dict[str, Op] = {op.name: op for op in [
        cost=lambda s, e, d: roofline.rope_cost(s["B"], s["H"], s["T"], s["D"], e, direction=d),
        inputs=_rope_inputs, differentiable=(0,)),
     Op("swiglu", "SwiGLU", ("fwd", "fwd+bwd"), "gbps", reference.swiglu,
-       shape=lambda n, g: {"rows": n, "hidden": g.dim},
+       shape=lambda n, g: {"rows": n, "hidden": g.hidden},
        cost=lambda s, e, d: roofline.swiglu_cost(s["rows"], s["hidden"], e, direction=d),
        inputs=lambda s, dev, dt: [_randn(s["rows"], s["hidden"], device=dev, dtype=dt),
                                   _randn(s["rows"], s["hidden"], device=dev, dtype=dt)],

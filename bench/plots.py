@@ -104,14 +104,14 @@ def decode(records: list[dict], out_dir: Path, device_name: str) -> list[Path]:
         return []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
     ax = axes[0, 0]
-    keys = list(dict.fromkeys((r["preset"], r["batch"]) for r in gen))
+    keys = list(dict.fromkeys((r["preset"], r["kernels"], r["batch"]) for r in gen))
     for i, cache in enumerate((True, False)):
-        ys = [next((r["tokens_per_s"] for r in gen if (r["preset"], r["batch"]) == k and r["kv_cache"] == cache), 0)
-              for k in keys]
+        ys = [next((r["tokens_per_s"] for r in gen if (r["preset"], r["kernels"], r["batch"]) == k
+                    and r["kv_cache"] == cache), 0) for k in keys]
         bars = ax.bar([j + (i - 0.5) * 0.4 for j in range(len(keys))], ys, 0.4,
                       label="KV cache" if cache else "no cache (recompute)")
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks(range(len(keys)), [f"{p}\nbatch {b}" for p, b in keys])
+    ax.set_xticks(range(len(keys)), [f"{p} {k}\nbatch {b}" for p, k, b in keys])
     ax.set_ylabel("generated tokens / s")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, axis="y")
@@ -119,10 +119,12 @@ def decode(records: list[dict], out_dir: Path, device_name: str) -> list[Path]:
     new = gen[0]["new_tokens"] if gen else 0
     ax.set_title(f"Generation, {new} new tokens", fontsize=10)
     ax = axes[0, 1]
-    for cache, style in ((True, "o-"), (False, "s--")):
-        pts = sorted((r["context"], r["tokens_per_s"]) for r in sweep if r["kv_cache"] == cache)
-        if pts:
-            ax.plot(*zip(*pts), style, label="KV cache" if cache else "no cache (recompute)", ms=4)
+    for kernels in dict.fromkeys(r["kernels"] for r in sweep):
+        for cache, style in ((True, "o-"), (False, "s--")):
+            pts = sorted((r["context"], r["tokens_per_s"]) for r in sweep if r["kv_cache"] == cache
+                         and r["kernels"] == kernels)
+            if pts:
+                ax.plot(*zip(*pts), style, label=f"{kernels}, {'KV cache' if cache else 'no cache (recompute)'}", ms=4)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("tokens / s (batch 1)")
@@ -153,3 +155,21 @@ def static(records: list[dict], out_dir: Path) -> list[Path]:
     ax.set_title("ESTIMATED roofline time per op at representative bf16 sizes (datasheet peaks, not measured)",
                  fontsize=10)
     return [_save(fig, out_dir / "roofline_estimates.png")]
+
+
+def loss_curves(records: list[dict], out_dir: Path, device_name: str) -> list[Path]:
+    """The training loss per step of each kernel path (records of bench/gpu_check.py's train step)."""
+    runs = [r for r in records if r.get("curve")]
+    if not runs:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r, style in zip(runs, ("-", "--", ":")):
+        its = sorted(r["curve"])
+        ax.plot(its, [r["curve"][i] for i in its], style, lw=1, label=f"kernels={r['kernels']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    diff = f"; max |difference| {runs[0]['max_loss_diff']:.4f}" if "max_loss_diff" in runs[0] else ""
+    ax.set_title(f"{runs[0]['preset']}: same seed and batches on each kernel path{diff}\n({device_name})", fontsize=10)
+    return [_save(fig, out_dir / "train_loss_by_kernels.png")]

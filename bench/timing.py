@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.utils import benchmark
 
 
 @dataclass
@@ -43,6 +42,8 @@ def summarize(times: list[float], method: str) -> Timing:
 
 def time_cpu(fn, min_run_time: float = 0.2, min_samples: int = 5) -> Timing:
     """torch.utils.benchmark over all of torch's intra-op threads (its default is one thread)."""
+    # Imported here: it loads torch's C++-extension machinery, slow and (with no CUDA runtime) chatty.
+    from torch.utils import benchmark
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     times = list(timer.blocked_autorange(min_run_time=min_run_time).times)
     while len(times) < min_samples:
