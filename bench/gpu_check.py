@@ -109,11 +109,11 @@ def _measure_all(ctx: RunContext, op_names, sizes_of, geometry_of, label: str) -
     records = []
     for name in op_names:
         op = kernel_suite.OPS[name]
-        providers = kernel_suite._providers(op, ctx)
+        timed = kernel_suite.providers(op, ctx)
         for key, size in sizes_of(name):
             geometry = geometry_of(key)
             for direction in op.directions:
-                for provider, fn in providers.items():
+                for provider, fn in timed.items():
                     progress(f"[{label}] {key} {name} {direction} size={size} {provider}")
                     rec = kernel_suite.measure(op, direction, size, provider, fn, ctx, geometry)
                     rec.update(step=label, case=key)

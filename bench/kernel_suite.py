@@ -166,7 +166,7 @@ def default_sizes(device: torch.device, quick: bool) -> tuple[list[int], list[in
 
 # -- measurement ------------------------------------------------------------------------------------------
 
-def _providers(op: Op, ctx: RunContext) -> dict[str, Callable]:
+def providers(op: Op, ctx: RunContext) -> dict[str, Callable]:
     out: dict[str, Callable] = {}
     if "triton" in ctx.kernels:
         try:
@@ -265,10 +265,10 @@ def run(ctx: RunContext) -> list[dict]:
     records = []
     for op in OPS.values():
         sizes = attn_sizes if "attention" in op.name else row_sizes
-        providers = _providers(op, ctx)
+        timed = providers(op, ctx)
         for direction in op.directions:
             for size in sizes:
-                for provider, fn in providers.items():
+                for provider, fn in timed.items():
                     if provider == "compile" and ctx.quick and ctx.device.type == "cpu" and size != max(sizes):
                         continue  # each size is a fresh compile: seconds apiece on a small CPU
                     progress(f"[kernels] {op.name} {direction} size={size} {provider}")

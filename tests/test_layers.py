@@ -5,7 +5,6 @@ so a lazy import cannot hide an upward dependency), and at run time, importing e
 package in a fresh interpreter in which the packages above it cannot be imported.
 """
 import ast
-import pkgutil
 import subprocess
 import sys
 from pathlib import Path
