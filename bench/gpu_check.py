@@ -1,7 +1,7 @@
 """Validate a GPU in one command: the test suite on CUDA, every kernel at the presets' shapes against
 PyTorch, the attention sweep, the `small` preset trained on both kernel paths, and KV-cache decoding.
 
-    python bench/gpu_check.py                # on a CUDA GPU: about 5-8 minutes on an H100
+    python bench/gpu_check.py                # on a CUDA GPU
     python bench/gpu_check.py --dry-run      # anywhere: the same steps at toy sizes, labelled DRY RUN
 
 Steps (each timed, each failure noted without stopping the others):
