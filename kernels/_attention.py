@@ -24,7 +24,9 @@ import triton
 import triton.language as tl
 
 from ._runtime import (TORCH_TO_TL_NAME, CompileSpec, check_tensor, dtype_name, interpreting, signature, sm_count,
-                       unit_last_stride)
+                       triton_compat, unit_last_stride)
+
+triton_compat()
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -506,8 +508,14 @@ BWD_DQ_CONFIGS = {16: Config(128, 32, 8, 2), 32: Config(128, 32, 8, 2), 64: Conf
                   128: Config(128, 32, 8, 2)}
 # Split-KV decode, per (BLOCK_D, block_m): block_m = (H // Hkv) * Tq packed rows rounded up to 16/32/64.
 # At BLOCK_D=128 the regular choice (block_n 64, 4 warps, 3 stages) spills a register in some variants.
+# Three entries have fewer stages so that they are spill-free with the oldest supported Triton (3.6, ptxas
+# 12.8) as well as the current one: with Triton 3.6, 3 stages spilled 8 B at (64, 16) on sm_90 (causal) and at
+# (16, 64) on sm_80 (non-causal; 2 stages spill there with Triton 3.8), and 2 stages 8 B at (128, 32) on sm_80
+# (head dims 80/96, causal). Fewer stages change no arithmetic: the results are bit-identical. The spill-free
+# alternative that keeps a pipeline at (128, 32), Config(32, 64, 8, 3), would change the key blocking.
 DECODE_CONFIGS = {(d, m): Config(m, 64, 4, 3) for d in (16, 32, 64) for m in (16, 32, 64)}
-DECODE_CONFIGS.update({(128, 16): Config(16, 32, 4, 3), (128, 32): Config(32, 128, 4, 2),
+DECODE_CONFIGS.update({(64, 16): Config(16, 64, 4, 2), (16, 64): Config(64, 64, 4, 1),
+                       (128, 16): Config(16, 32, 4, 3), (128, 32): Config(32, 128, 4, 1),
                        (128, 64): Config(64, 64, 8, 3)})
 _PREPROCESS_BLOCK_M = 64
 _COMBINE_BLOCK_R = 16

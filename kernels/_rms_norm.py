@@ -11,7 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import TORCH_TO_TL_NAME, CompileSpec, check_tensor, signature, sm_count
+from ._runtime import TORCH_TO_TL_NAME, CompileSpec, check_tensor, signature, sm_count, triton_compat
+
+triton_compat()
 
 # The row lives in registers: at 16384 columns over 16 warps, 32 values per thread per live row.
 # `python -m kernels.report` shows no spills up to here on sm_80/sm_90, but only for the vectorized
@@ -22,7 +24,9 @@ MAX_D = 16384
 MAX_UNALIGNED_D = 8192
 MIN_BLOCK_D = 16
 # From this width the backward reads the row twice (the second time from L1/L2) instead of keeping
-# it live across the row reduction next to the dW accumulator, which spilled.
+# it live across the row reduction next to the dW accumulator, which spilled. With Triton 3.6 one variant
+# still spills 8 B on sm_80 (fp32 x and weight, with dh): its cross-warp reduction keeps a register live from
+# one row to the next, at the 128-register cap of 16 warps; Triton 3.8 compiles it without.
 RELOAD_FROM_BLOCK_D = 16384
 
 
@@ -54,13 +58,15 @@ def _rms_norm_fwd_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, rstd_ptr,
         # The stored residual stream is in x's dtype, and the norm is taken of exactly that value.
         x = (x.to(tl.float32) + res.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(h_ptr + row * stride_h_row + cols, x, mask=mask)
+    # w is loaded before the statistics, not after: with Triton 3.6 (ptxas 12.8) its addresses otherwise stay live
+    # across the calls of the sqrt/div slow paths and spill 8-16 B at 8192-16384 columns.
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     x = x.to(tl.float32)
     mean_sq = tl.sum(x * x, axis=0) / n_cols
     # eps may arrive as an fp64 scalar (torch.compile): the cast keeps the row math in fp32.
     # sqrt_rn/div_rn round once each, like torch.rsqrt; the approximate forms are off by ulps.
     rstd = tl.div_rn(1.0, tl.sqrt_rn((mean_sq + eps).to(tl.float32)))
     tl.store(rstd_ptr + row, rstd)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = x * rstd * w
     tl.store(y_ptr + row * stride_y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 

@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import TORCH_TO_TL_NAME, CompileSpec, check_tensor, signature, unit_last_stride
+from ._runtime import TORCH_TO_TL_NAME, CompileSpec, check_tensor, signature, triton_compat, unit_last_stride
+
+triton_compat()
 
 MAX_HEAD_DIM = 512
 MAX_GRID = 65535  # CUDA's limit on grid axes 1 and 2 (heads, batch)

@@ -51,6 +51,51 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
     return f"Triton kernels do not run on device '{device.type}'; use kernels='torch' or 'auto'"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Differences between the supported Triton versions. The only place that knows about them: every kernel
+# module calls `triton_compat()` once, right after importing Triton, and nothing else checks a version.
+# ----------------------------------------------------------------------------------------------------------
+
+def _version(text: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as '3.6.0' or '3.7.0+git1234'."""
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+_COMPAT_DONE: dict = {}
+
+
+def triton_compat() -> None:
+    """Make the installed Triton behave like the newest one where the kernels depend on it (idempotent).
+
+    Triton < 3.7 with NumPy >= 2.4, interpreter only: the interpreter turns a scalar (held as a 1-element
+    NumPy array) into a Python int with `int(array)`, which NumPy 2.4 made a TypeError for arrays with
+    ndim > 0 ("only 0-dimensional arrays can be converted to Python scalars"). Every `range(lo, hi, STEP)`
+    over a run-time bound in a kernel goes through it. Triton 3.7 converts with `int(array.squeeze())`
+    (triton-lang/triton#9171); on older Triton the interpreter is given that same conversion here.
+    Compiled kernels are unaffected.
+    """
+    if _COMPAT_DONE:
+        return
+    _COMPAT_DONE["done"] = True
+    import triton
+
+    if interpreting() and _version(triton.__version__) < (3, 7):
+        from triton.runtime import interpreter
+
+        patch_tensor = interpreter._patch_lang_tensor
+        index = lambda self: int(self.handle.data.squeeze())  # noqa: E731
+
+        def _patch_lang_tensor(tensor, *scope):  # 3.6: (tensor, scope) restores the patches after a launch;
+            patch_tensor(tensor, *scope)         # 3.5: (tensor) patches for good
+            if scope:
+                scope[0].set_attr(tensor, "__index__", index)
+            else:
+                tensor.__index__ = index
+
+        interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """'bfloat16' for torch.bfloat16: dtypes as users type them."""
     return str(dtype).replace("torch.", "")

@@ -9,7 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import TORCH_TO_TL_NAME, CompileSpec, check_tensor, signature
+from ._runtime import TORCH_TO_TL_NAME, CompileSpec, check_tensor, signature, triton_compat
+
+triton_compat()
 
 # Elements per program (BLOCK_M x BLOCK_N): 16 per thread per tensor at 4 warps, which keeps
 # 128-bit loads and leaves registers for the fp32 math of the backward.
