@@ -64,6 +64,9 @@ def test_the_static_check_sees_lazy_and_relative_imports(tmp_path):
     assert {"train.loop", "gpt.ops", "bench.run"} <= set(found), found
 
 
+# First on sys.meta_path and raising, unlike tests/test_optional_packages.py's blocker (which only hides
+# packages from the sys.path finder): this project is installed editable, and its packages are found by
+# the editable install's own finder, which that blocker does not see.
 BLOCKER = """
 import importlib, importlib.abc, pkgutil, sys
 blocked = set(sys.argv[2:])
