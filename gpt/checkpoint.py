@@ -29,6 +29,8 @@ FORMAT_VERSION = 2
 REQUIRED_KEYS = ("model", "model_config", "tokenizer")
 # Fields that format-1 checkpoints saved in model_config and that are run-time choices now.
 RUNTIME_FIELDS = ("kernels", "gradient_checkpointing")
+# Where `python -m train --parallel fsdp` keeps its sharded checkpoints, inside the run's directory.
+SHARDED_DIR = "ckpt_sharded"
 
 
 def _first_line(e: BaseException) -> str:
@@ -42,6 +44,9 @@ def read_checkpoint(path: str | Path, map_location="cpu", trust: bool = False) -
     path = Path(path)
     if not path.exists():
         hint = " (train one with `python -m train`, or pass --ckpt PATH)" if path.suffix == ".pt" else ""
+        if (path.parent / SHARDED_DIR).is_dir():
+            hint = (f": that run saved sharded (FSDP) checkpoints in {path.parent / SHARDED_DIR}; write the "
+                    f"single file with `python -m train.consolidate {path.parent}`")
         raise CheckpointError(f"checkpoint {path} does not exist{hint}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; pass the checkpoint file, e.g. {path / 'ckpt.pt'}")

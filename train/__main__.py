@@ -1,8 +1,12 @@
-"""python -m train: train a GPT. Flags mirror TrainConfig and GPTConfig fields (kebab-case)."""
+"""python -m train: train a GPT. Flags mirror TrainConfig and GPTConfig fields (kebab-case).
+
+Under `torchrun --nproc_per_node N -m train ...` every rank runs this; rank 0 alone prints results,
+and any rank's error reaches stderr (with torchrun's summary naming the rank that failed first)."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import MISSING, fields
 
@@ -11,7 +15,7 @@ import torch
 from gpt.config import PRESETS, GPTConfig
 from gpt.ops import KERNEL_MODES
 
-from .config import MODEL_FIELDS, OPTIMIZERS, TRAIN_PRESETS, TrainConfig, resolve_config
+from .config import MODEL_FIELDS, OPTIMIZERS, PARALLEL_MODES, TRAIN_PRESETS, TrainConfig, resolve_config
 from .errors import TRAIN_ERRORS
 from .loop import Trainer
 
@@ -25,8 +29,12 @@ HELP = {
     "gradient_checkpointing": "recompute each block in the backward (less memory, ~30%% more compute)",
     "optimizer": "adamw | muon (Muon for the blocks' matrices at --matrix-lr, AdamW at --lr for the rest)",
     "matrix_lr": "Muon's peak learning rate (with --optimizer muon)", "momentum": "Muon's Nesterov momentum",
+    "parallel": "under torchrun: ddp (replicate, average gradients) | fsdp (shard parameters, gradients, "
+                "optimizer state); auto: ddp when there are several ranks",
+    "batch_size": "sequences per micro-batch, per rank under torchrun",
 }
-CHOICES = {"preset": list(PRESETS), "optimizer": list(OPTIMIZERS), "kernels": list(KERNEL_MODES)}
+CHOICES = {"preset": list(PRESETS), "optimizer": list(OPTIMIZERS), "kernels": list(KERNEL_MODES),
+           "parallel": list(PARALLEL_MODES)}
 ALIASES = {"dataset": ["--data"], "gradient_checkpointing": ["--grad-checkpointing"]}
 
 
@@ -92,26 +100,36 @@ def parse(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
 
 
 def main(argv=None) -> int:
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun; 0 for one process
+    out = print if rank == 0 else (lambda *a, **k: None)
+    prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    trainer = None
     try:
         cfg, args = parse(argv)
-        print("config: " + json.dumps(cfg.to_dict(), sort_keys=True), flush=True)
+        out("config: " + json.dumps(cfg.to_dict(), sort_keys=True), flush=True)
         if args.print_config:
             return 0
         trainer = Trainer(cfg, trust_checkpoint=args.trust_checkpoint)
-        print("model config: " + json.dumps(trainer.model_config.to_dict(), sort_keys=True), flush=True)
+        out("model config: " + json.dumps(trainer.model_config.to_dict(), sort_keys=True), flush=True)
         result = trainer.train()
-        print("result: " + json.dumps(result), flush=True)
-        return 0
+        out("result: " + json.dumps(result), flush=True)
+        code = 0
     except KeyboardInterrupt:
-        return 130
+        code = 130
     except TRAIN_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"{prefix}error: {e}", file=sys.stderr)
+        code = 2
     except torch.OutOfMemoryError:
-        print("error: out of GPU memory; lower --batch-size (raise --grad-accum to keep tokens per step), "
-              "use --gradient-checkpointing, or a smaller --preset", file=sys.stderr)
-        return 2
+        print(f"{prefix}error: out of GPU memory; lower --batch-size (raise --grad-accum to keep tokens per step), "
+              f"use --gradient-checkpointing, or a smaller --preset", file=sys.stderr)
+        code = 2
+    # Any other error propagates without this teardown: a rank that failed inside a collective could hang
+    # in it. The process exits instead, and torchrun stops the other ranks.
+    if trainer is not None:
+        trainer.close()
+    return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from torch.distributed.elastic.multiprocessing.errors import record  # torchrun's summary shows the error
+    sys.exit(record(main)())

@@ -11,6 +11,7 @@ from gpt.errors import ConfigError
 from gpt.ops import KERNEL_MODES
 
 OPTIMIZERS = ("adamw", "muon")
+PARALLEL_MODES = ("auto", "ddp", "fsdp")  # see train/distributed.py
 
 
 @dataclass
@@ -46,6 +47,7 @@ class TrainConfig:
     dtype: str = "auto"                # auto | float32 | bfloat16 | float16 (autocast; see gpt/runtime.py)
     kernels: str = "auto"              # auto | triton | torch (gpt/ops.py): a run-time choice, not saved with the model
     compile: bool = False              # torch.compile the model
+    parallel: str = "auto"             # under torchrun: ddp | fsdp (auto: ddp when several ranks; train/distributed.py)
     gradient_checkpointing: bool = False  # recompute each block in the backward: less memory, ~30% more compute
     seed: int = 1337
     time_budget: float | None = None   # minutes of wall clock (evals included); the LR schedule fits it
@@ -76,6 +78,8 @@ class TrainConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.kernels not in KERNEL_MODES:
             raise ConfigError(f"unknown kernels {self.kernels!r}; choose one of: {', '.join(KERNEL_MODES)}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ConfigError(f"unknown parallel mode {self.parallel!r}; choose one of: {', '.join(PARALLEL_MODES)}")
         if self.matrix_lr <= 0 or not 0 <= self.momentum < 1:
             raise ConfigError(f"need matrix_lr > 0 and 0 <= momentum < 1, got {self.matrix_lr}, {self.momentum}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:

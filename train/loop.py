@@ -4,10 +4,17 @@
 carried across resumes, the time budget, the schedule's progress), `_set_lr`, `_step` (one optimizer
 step over grad_accum micro-batches), `_Meter` and `_log_progress` (the log line and metrics.jsonl),
 `_eval_and_save`; `_stop_on_signals` turns Ctrl-C/SIGTERM into a stop at the next step boundary.
+
+Under torchrun (train/distributed.py) the same loop runs on every rank: `batch_size` is per rank, so
+one optimizer step takes batch_size x grad_accum x world sequences; gradients are reduced on the last
+micro-step only; the logged losses are means over all ranks. Every decision to stop (signal, time
+budget, non-finite loss) is taken by all ranks together, at a step boundary. Rank 0 alone prints and
+writes files, except FSDP's sharded checkpoints, which every rank writes its part of.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import signal
@@ -21,14 +28,16 @@ import torch
 from matplotlib.figure import Figure
 
 from gpt import GPT, GPTConfig, ops
-from gpt.checkpoint import model_config_of, read_checkpoint
-from gpt.errors import CheckpointError
+from gpt.checkpoint import SHARDED_DIR, model_config_of, read_checkpoint
+from gpt.errors import CheckpointError, ConfigError
 from gpt.runtime import autocast, dtype_name, peak_flops, resolve_device, resolve_dtype
 from gpt.optional import import_optional
 
-from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (load_sharded, read_meta, rng_state, save_checkpoint, save_sharded, set_rng_state,
+                         sharded_checkpoint)
 from .config import TrainConfig
 from .data import PreparedData, prepare_dataset
+from .distributed import World, clip_grad_norm, grad_sync, init_distributed, parallelize
 from .errors import TrainingError
 from .optim import make_optimizer
 
@@ -124,31 +133,52 @@ class _SavedInterrupt(KeyboardInterrupt):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, trust_checkpoint: bool = False):
-        """trust_checkpoint: resume from a checkpoint that needs pickle (an older format; runs code)."""
+        """trust_checkpoint: resume from a checkpoint that needs pickle (an older format; runs code).
+        Under torchrun this starts the process group (if none exists); `close()` ends it."""
         cfg.validate()
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.world, self.device = init_distributed(cfg.parallel, cfg.device)
+        try:
+            self._setup(trust_checkpoint)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """End the process group if this Trainer started it (nothing for one process)."""
+        self.world.close()
+
+    def _setup(self, trust_checkpoint: bool) -> None:
+        cfg, world = self.cfg, self.world
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        if world.parallel == "fsdp" and self.dtype == torch.float16:
+            raise ConfigError("--parallel fsdp with --dtype float16: loss scaling does not cover "
+                                           "sharded gradients here; use --dtype bfloat16 (or --parallel ddp)")
         ops.resolve(cfg.kernels, self.device)  # 'triton' where it cannot run: a clear error before any data work
         self.out = Path(cfg.out_dir)
         self.ckpt_path = self.out / "ckpt.pt"
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
 
-        resume_state = None
-        if cfg.resume:
-            if not self.ckpt_path.exists():
-                raise CheckpointError(f"--resume: no checkpoint at {self.ckpt_path}; drop --resume to start fresh "
-                                      f"or point --out-dir at the run to continue")
-            resume_state = read_checkpoint(self.ckpt_path, trust=trust_checkpoint)
+        resume_state, self._resume_dir = (self._read_resume_state(trust_checkpoint) if cfg.resume else (None, None))
 
-        self.data = open_data(cfg)
+        # Rank 0 tokenizes and caches the dataset first; the others then read the cache, quietly.
+        if not world.main:
+            world.barrier()
+        with contextlib.redirect_stderr(io.StringIO()) if not world.main else contextlib.nullcontext():
+            self.data = open_data(cfg)
+        if world.main:
+            world.barrier()
         self.tokenizer = self.data.tokenizer
         self.model_config = cfg.model_config(self.tokenizer.vocab_size)
         self.data.check_block_size(self.model_config.block_size)
 
         self.model = GPT(self.model_config, kernels=cfg.kernels,
                          gradient_checkpointing=cfg.gradient_checkpointing).to(self.device)
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.step_model = parallelize(self.model, world, self.device, self.dtype, cfg.compile)
+        if world.size > 1:
+            torch.manual_seed(cfg.seed + world.rank)  # dropout: a different stream on every rank
+        self.optimizer = make_optimizer(self.model, cfg, self.device, distributed=world.distributed,
+                                        sharded=world.parallel == "fsdp")
         # Peak rate per group, from this run's config (a resumed run may change --lr).
         self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -156,13 +186,38 @@ class Trainer:
         self.state = RunState()
         if resume_state is not None:
             self._restore(resume_state)
-        self.step_model = torch.compile(self.model) if cfg.compile else self.model
         self.peak, self.peak_source = peak_flops(self.device, self.dtype)
-        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_config.block_size
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_config.block_size * world.size
         self.flops_per_token = self.model.flops_per_token(self.model_config.block_size)
         self._stop_signal = None
 
     # -- checkpoints ------------------------------------------------------------------------------
+    def _read_resume_state(self, trust: bool) -> tuple[dict, Path | None]:
+        """The checkpoint to resume (its meta.pt for a sharded one) and, if sharded, its directory.
+        FSDP resumes from OUT/ckpt_sharded (written by any number of ranks); one process and DDP from
+        OUT/ckpt.pt (written by any number of ranks, or consolidated from a sharded checkpoint)."""
+        sharded = sharded_checkpoint(self.out)
+        if self.world.parallel == "fsdp":
+            if sharded is None:
+                hint = (f"{self.ckpt_path} was written by one process or DDP: resume it with --parallel ddp"
+                        if self.ckpt_path.exists() else "drop --resume to start fresh or point --out-dir at the run")
+                raise CheckpointError(f"--resume --parallel fsdp: no sharded checkpoint in {self.out / SHARDED_DIR}; "
+                                      f"{hint}")
+            return read_meta(sharded), sharded
+        if not self.ckpt_path.exists():
+            if sharded is not None:
+                raise CheckpointError(f"--resume: {self.out} holds a sharded (FSDP) checkpoint only; resume under "
+                                      f"torchrun with --parallel fsdp (any number of ranks), or write {self.ckpt_path} "
+                                      f"with `python -m train.consolidate {self.out}` first")
+            raise CheckpointError(f"--resume: no checkpoint at {self.ckpt_path}; drop --resume to start fresh "
+                                  f"or point --out-dir at the run to continue")
+        ck = read_checkpoint(self.ckpt_path, trust=trust)
+        if sharded is not None and read_meta(sharded)["iter"] > ck["iter"]:
+            raise CheckpointError(f"--resume: the sharded checkpoint in {self.out / SHARDED_DIR} is newer than "
+                                  f"{self.ckpt_path}; resume with --parallel fsdp, or run `python -m train.consolidate "
+                                  f"{self.out}` first")
+        return ck, None
+
     def _restore(self, ck: dict) -> None:
         check_compatible(model_config_of(ck, self.ckpt_path), self.model_config, self.ckpt_path)
         if ck["tokenizer"] != self.tokenizer.to_dict():
@@ -172,34 +227,62 @@ class Trainer:
         if saved_opt != self.cfg.optimizer:
             raise CheckpointError(f"checkpoint {self.ckpt_path} was trained with --optimizer {saved_opt}; resume with "
                                   f"--optimizer {saved_opt}, or use a new --out-dir to start fresh")
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        if self._resume_dir is not None:
+            load_sharded(self._resume_dir, self.model, self.optimizer)
+        else:
+            self.model.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
-        set_rng_state(ck["rng"])
+        per_rank = ck.get("rng_per_rank") or [ck["rng"]]
+        saved_world = len(per_rank)
+        set_rng_state(per_rank[self.world.rank] if saved_world == self.world.size else per_rank[0])
         self.data_gen.set_state(ck["data_rng"])
         self.state = RunState(**ck["run_state"])
-        _log(f"resumed from {self.ckpt_path} at iter {self.state.iter}")
+        source = self._resume_dir or self.ckpt_path
+        self._log(f"resumed from {source} at iter {self.state.iter}")
+        if saved_world != self.world.size:
+            if self.world.size > 1:
+                torch.manual_seed(self.cfg.seed + 1000003 * self.state.iter + self.world.rank)
+            self._log(f"note: the checkpoint was written by {saved_world} rank(s), this run has {self.world.size}: "
+                      f"model and optimizer state carry over exactly; the batches follow the new world size "
+                      f"(the same as before if batch_size x ranks is unchanged), dropout's random streams restart")
 
-    def checkpoint_state(self, data_rng: torch.Tensor | None = None, torch_rng: dict | None = None) -> dict:
-        return {
-            "model": self.model.state_dict(),
+    def checkpoint_state(self, data_rng: torch.Tensor | None = None, torch_rng: dict | None = None,
+                         weights: bool = True) -> dict:
+        """The checkpoint dict (a collective under torchrun: every rank's RNG state is gathered).
+        weights=False leaves out model and optimizer (a sharded checkpoint's meta.pt)."""
+        rng = torch_rng if torch_rng is not None else rng_state()
+        state = {
             "model_config": self.model_config.to_dict(),
             "tokenizer": self.tokenizer.to_dict(),
             "train_config": self.cfg.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "iter": self.state.iter,
             "run_state": vars(self.state).copy(),
-            "rng": torch_rng if torch_rng is not None else rng_state(),
+            "rng": rng,
             "data_rng": data_rng if data_rng is not None else self.data_gen.get_state(),
         }
+        if self.world.size > 1:
+            state["rng_per_rank"] = self.world.gather_objects(rng)
+        if weights:
+            state["model"] = self.model.state_dict()
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def save(self, best: bool = False, **kw) -> None:
+        """Every rank calls this. FSDP: a sharded checkpoint, every rank writing its part. Otherwise rank 0
+        writes OUT/ckpt.pt (and ckpt_best.pt), atomically."""
+        if self.world.parallel == "fsdp":
+            meta = self.checkpoint_state(weights=False, **kw)
+            name = f"iter-{self.state.iter:08d}-{self.world.gather_objects(time.time_ns())[0]}"  # rank 0's id
+            save_sharded(self.out, name, self.model, self.optimizer, meta if self.world.main else None, best)
+            return
         state = self.checkpoint_state(**kw)
-        save_checkpoint(state, self.ckpt_path)
-        if best:
-            save_checkpoint(state, self.out / "ckpt_best.pt")
+        if self.world.main:
+            save_checkpoint(state, self.ckpt_path)
+            if best:
+                save_checkpoint(state, self.out / "ckpt_best.pt")
 
     def _save_now(self, clock: _Clock, **kw) -> None:
         self.state.elapsed = clock.elapsed()
@@ -211,32 +294,42 @@ class Trainer:
         """Mean loss on eval_iters batches of each split; the same batches at every eval (own generator)."""
         self.model.eval()
         out = {}
-        T = self.model_config.block_size
+        # DDP: the wrapped module (no gradient sync to set up); FSDP: the sharded root itself.
+        model = self.model if self.world.distributed else self.step_model
         for split in ("train", "val"):
             gen = torch.Generator().manual_seed(self.cfg.seed + 1)
-            losses = []
+            total = torch.zeros((), device=self.device)
             for _ in range(self.cfg.eval_iters):
-                x, y = self.data.get_batch(split, self.cfg.batch_size, T, self.device, gen)
+                x, y = self._batch(split, gen)
                 with autocast(self.device, self.dtype):
-                    _, loss = self.step_model(x, y)
-                losses.append(loss.item())
-            out[f"{split}_loss"] = sum(losses) / len(losses)
+                    _, loss = model(x, y)
+                total += loss.detach().float()
+            out[f"{split}_loss"] = self.world.mean(total / self.cfg.eval_iters).item()
         self.model.train()
         return out
+
+    def _batch(self, split: str, gen: torch.Generator):
+        """This rank's share of the next global batch (see train/data/batches.get_batch)."""
+        return self.data.get_batch(split, self.cfg.batch_size, self.model_config.block_size, self.device, gen,
+                                   shard=(self.world.rank, self.world.size))
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self, stop_at: int | None = None) -> dict:
         """Run to max_iters (or the time budget). stop_at: pause after that iteration with a checkpoint
         and no final eval, as if interrupted there; a later run with resume=True continues exactly."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        st = self.state
-        _log(f"model: {self.model.num_params():,} params | kernels {self.cfg.kernels} -> "
-             f"{self.model.kernels_in_use()} ({self.device.type}) | {self.device} {dtype_name(self.dtype)} | "
-             f"{self.tokens_per_step:,} tokens/step | MFU peak {self.peak / 1e12:.2f} TFLOP/s ({self.peak_source})")
-        clock = _Clock(self.cfg, st.elapsed)
+        cfg, st, world = self.cfg, self.state, self.world
+        if world.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self._log(f"model: {self.model.num_params():,} params | kernels {cfg.kernels} -> "
+                  f"{self.model.kernels_in_use()} ({self.device.type}) | {self.device} {dtype_name(self.dtype)} | "
+                  f"MFU peak {self.peak / 1e12:.2f} TFLOP/s per device ({self.peak_source})")
+        ranks = f" x {world.size} ranks ({world.parallel})" if world.distributed else ""
+        self._log(f"batch: {cfg.batch_size} sequences{' per rank' if ranks else ''} x {cfg.grad_accum} "
+                  f"micro-steps{ranks} = {self.tokens_per_step:,} tokens/step")
+        clock = _Clock(cfg, st.elapsed)
         with contextlib.ExitStack() as stack:
-            self._metrics = stack.enter_context(open(self.out / "metrics.jsonl", "a"))
-            self._bar = stack.enter_context(_progress(self.cfg, st.iter))
+            self._metrics = stack.enter_context(open(self.out / "metrics.jsonl", "a")) if world.main else None
+            self._bar = stack.enter_context(_progress(cfg, st.iter)) if world.main else None
             stack.enter_context(self._stop_on_signals())
             try:
                 stop_reason = self._run_steps(clock, stop_at)
@@ -246,15 +339,31 @@ class Trainer:
                 st.elapsed = clock.elapsed()
                 last_eval = self._eval_and_save(clock)
             except KeyboardInterrupt as e:
-                if not isinstance(e, _SavedInterrupt):  # between steps (logging, eval): the state is consistent
+                saved = isinstance(e, _SavedInterrupt)
+                if not saved and not world.distributed:  # between steps (logging, eval): the state is consistent
                     self._save_now(clock)
-                print(f"\ninterrupted: checkpoint saved to {self.ckpt_path} at iter {st.iter}; "
-                      f"continue with --resume", file=sys.stderr)
+                    saved = True
+                if world.main:  # ranks may be anywhere in a collective: no save that needs them all
+                    print(f"\ninterrupted: " + (f"checkpoint saved at iter {st.iter}; continue with --resume"
+                                                if saved else "no checkpoint written now; --resume continues "
+                                                "from the last one"), file=sys.stderr)
                 raise
+            where = self.ckpt_path if world.parallel != "fsdp" else self.out / SHARDED_DIR
             self._write(f"done ({stop_reason}): {st.iter} iters, {st.tokens:,} tokens in {_hms(st.elapsed)}; "
-                        f"val loss {last_eval['val_loss']:.4f} (best {st.best_val:.4f}); checkpoint {self.ckpt_path}")
+                        f"val loss {last_eval['val_loss']:.4f} (best {st.best_val:.4f}); checkpoint {where}")
+        if world.parallel == "fsdp":
+            self._consolidate()
         return {"iters": st.iter, "tokens": st.tokens, "elapsed": st.elapsed, **last_eval,
                 "best_val_loss": st.best_val, "stop_reason": stop_reason}
+
+    def _consolidate(self) -> None:
+        """After an FSDP run: rank 0 writes ckpt.pt (and ckpt_best.pt) from the sharded checkpoint, for
+        the sampler and the evaluator; the other ranks wait."""
+        if self.world.main:
+            from .consolidate import consolidate
+            for path in consolidate(self.out):
+                self._write(f"consolidated {path}")
+        self.world.barrier()
 
     def _run_steps(self, clock: _Clock, stop_at: int | None) -> str:
         """Optimizer steps until one of the stop reasons ("max_iters", "time budget", "stop_at")."""
@@ -262,12 +371,17 @@ class Trainer:
         self.model.train()
         meter = _Meter(st.iter)
         while st.iter < cfg.max_iters:
-            if self._stop_signal is not None:  # Ctrl-C / SIGTERM during the last step: stop at this boundary
+            # One all-reduce under torchrun: a signal on any rank, or any rank's clock, stops them all here.
+            signalled, out_of_time = self.world.any(self._stop_signal is not None, clock.out_of_time(),
+                                                    device=self.device)
+            if signalled:  # Ctrl-C / SIGTERM during the last step: stop at this boundary
+                if self._stop_signal is None and self.world.main:
+                    print("\nanother rank was signalled: stopping after this step", file=sys.stderr)
                 self._save_now(clock)
                 raise _SavedInterrupt
             if stop_at is not None and st.iter >= stop_at:
                 return "stop_at"
-            if clock.out_of_time():
+            if out_of_time:
                 return "time budget"
             lr = self._set_lr(clock)
             loss = self._step_or_save_boundary(clock)
@@ -297,6 +411,8 @@ class Trainer:
         try:
             return self._step()
         except KeyboardInterrupt:  # a second Ctrl-C, or no signal handler in this thread
+            if self.world.distributed:  # the other ranks may be inside this step's collectives
+                raise
             self.optimizer.zero_grad(set_to_none=True)
             self._save_now(clock, data_rng=data_rng, torch_rng=torch_rng)
             raise _SavedInterrupt from None
@@ -304,21 +420,21 @@ class Trainer:
     def _step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns their mean loss."""
         cfg = self.cfg
-        T = self.model_config.block_size
-        total = 0.0
-        for _ in range(cfg.grad_accum):
-            x, y = self.data.get_batch("train", cfg.batch_size, T, self.device, self.data_gen)
-            with autocast(self.device, self.dtype):
-                _, loss = self.step_model(x, y)
-            self.scaler.scale(loss / cfg.grad_accum).backward()
-            total += loss.item()
+        total = torch.zeros((), device=self.device)
+        for i in range(cfg.grad_accum):
+            x, y = self._batch("train", self.data_gen)
+            with grad_sync(self.step_model, self.world, sync=i == cfg.grad_accum - 1):
+                with autocast(self.device, self.dtype):
+                    _, loss = self.step_model(x, y)
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            total += loss.detach().float()
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            clip_grad_norm(self.model.parameters(), cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / cfg.grad_accum
+        return self.world.mean(total / cfg.grad_accum).item()  # every rank: the same mean, the same decisions
 
     # -- logging ------------------------------------------------------------------------------
     def _log_progress(self, meter: _Meter, lr: float, clock: _Clock) -> None:
@@ -329,8 +445,8 @@ class Trainer:
             raise TrainingError(
                 f"loss is {mean_loss} at iter {st.iter}; stopped. The last good checkpoint ({self.ckpt_path}) is "
                 f"untouched. Lower --lr, raise --warmup-iters, or use --dtype bfloat16/float32")
-        tps = meter.tokens / max(time.perf_counter() - meter.window_t, 1e-9)
-        mfu = self.flops_per_token * tps / self.peak
+        tps = meter.tokens / max(time.perf_counter() - meter.window_t, 1e-9)  # all ranks together
+        mfu = self.flops_per_token * tps / (self.peak * self.world.size)  # per device
         elapsed = clock.elapsed()
         remaining = clock.remaining(st.iter, meter.seconds_per_iter(st.iter))
         self._record({"iter": st.iter, "loss": mean_loss, "lr": lr, "tok_per_s": tps, "mfu": mfu,
@@ -340,11 +456,18 @@ class Trainer:
         meter.restart()
 
     def _record(self, rec: dict) -> None:
-        self._metrics.write(json.dumps(rec) + "\n")
-        self._metrics.flush()
+        if self._metrics is not None:  # rank 0
+            self._metrics.write(json.dumps(rec) + "\n")
+            self._metrics.flush()
+
+    def _log(self, msg: str) -> None:
+        if self.world.main:
+            _log(msg)
 
     def _write(self, msg: str) -> None:
-        """A log line on stdout, printed above the progress bar when there is one."""
+        """A log line on stdout (rank 0), printed above the progress bar when there is one."""
+        if not self.world.main:
+            return
         if self._bar is not None and not self._bar.disable:
             self._bar.write(msg, file=sys.stdout)
             sys.stdout.flush()
@@ -365,9 +488,11 @@ class Trainer:
             st.best_val = ev["val_loss"]
         self.save(best=best)
         self._record({"iter": st.iter, **ev, "tokens": st.tokens, "elapsed": st.elapsed})
+        where = self.ckpt_path if self.world.parallel != "fsdp" else self.out / SHARDED_DIR
         self._write(f"eval @ {st.iter}: train {ev['train_loss']:.4f} | val {ev['val_loss']:.4f}"
-                    f"{' (best)' if best else ''} | saved {self.ckpt_path}")
-        plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
+                    f"{' (best)' if best else ''} | saved {where}")
+        if self.world.main:
+            plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
         return ev
 
     # -- signals ------------------------------------------------------------------------------
@@ -382,9 +507,13 @@ class Trainer:
 
         def handler(signum, frame):
             if self._stop_signal is not None:
+                if self.world.distributed:  # torchrun forwards the terminal's Ctrl-C too: one stop is enough
+                    return
                 raise KeyboardInterrupt
             self._stop_signal = signum
-            print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop now)", file=sys.stderr)
+            if self.world.main or self.world.size == 1:
+                again = "" if self.world.distributed else " (again to stop now)"
+                print(f"\n{signal.Signals(signum).name}: stopping after this step{again}", file=sys.stderr)
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield

@@ -9,12 +9,20 @@ moves by the same amount, so rare directions are not drowned by the dominant one
 the 2-D weights inside the blocks; the embedding (tied to the output head here) and the norm gains
 keep AdamW. One optimizer object holds both kinds of group, so GradScaler, checkpoints and the LR
 schedule treat it like any other optimizer.
+
+Across ranks (`shard_work=True`, DDP or FSDP): every rank forms the same momentum-corrected gradients
+(FSDP: its shard, then an all-gather of the full matrix), orthogonalizes only its share of the
+matrices of each shape, and an all-gather hands every rank the others' results, so the Newton-Schulz
+work is split rather than repeated (as nanochat does). Each rank then applies the whole update (FSDP:
+its rows of it). The update is the single-process one.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from gpt import GPT
 
@@ -43,6 +51,20 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x.to(g.dtype)
 
 
+def _orthogonalize_shared(stack: torch.Tensor, steps: int) -> torch.Tensor:
+    """orthogonalize(stack) with the matrices dealt out over the ranks: rank r takes the r-th run of
+    ceil(n / world) of them, and an all-gather (one per shape) returns every rank the full result."""
+    rank, world, n = dist.get_rank(), dist.get_world_size(), stack.size(0)
+    per = -(-n // world)
+    mine = stack[rank * per:(rank + 1) * per]
+    out = stack.new_zeros((per, *stack.shape[1:]))  # padding where n does not divide evenly
+    if len(mine):
+        out[:len(mine)] = orthogonalize(mine, steps)
+    parts = [torch.empty_like(out) for _ in range(world)]
+    dist.all_gather(parts, out)
+    return torch.cat(parts)[:n]
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Muon on groups with ``muon=True``, AdamW on the rest.
 
@@ -55,10 +77,13 @@ class MuonAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
-                 momentum: float = 0.95, ns_steps: int = 5):
+                 momentum: float = 0.95, ns_steps: int = 5, shard_work: bool = False):
+        """shard_work: split the Newton-Schulz work over the ranks of the default process group (every
+        rank must then call step() together, as DDP and FSDP training do)."""
         defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, ns_steps=ns_steps, weight_decay=0.0,
                         muon=False, splits=None)
         super().__init__(groups, defaults)
+        self.shard_work = shard_work
 
     def load_state_dict(self, state_dict: dict) -> None:
         # The splits describe the model's packed matrices, not optimizer state: keep this model's (a
@@ -93,18 +118,26 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - mu)
             g = p.grad.lerp(buf, mu)  # Nesterov: look one momentum step ahead
+            if isinstance(g, DTensor):  # FSDP: this rank holds some rows; Newton-Schulz needs the matrix
+                g = g.full_tensor()
             row = 0
             for part in g.split(group["splits"][i]):
                 by_shape[part.shape].append((len(params), row, part))
                 row += part.size(0)
             params.append(p)
-        updates = [torch.empty_like(p) for p in params]
+        updates = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params]  # full size
         for (rows, cols), pieces in by_shape.items():
-            ortho = orthogonalize(torch.stack([part for _, _, part in pieces]), group["ns_steps"])
+            stack = torch.stack([part for _, _, part in pieces])
+            if self.shard_work and dist.is_initialized() and dist.get_world_size() > 1:
+                ortho = _orthogonalize_shared(stack, group["ns_steps"])
+            else:
+                ortho = orthogonalize(stack, group["ns_steps"])
             ortho *= max(1.0, rows / cols) ** 0.5
             for (k, row, _), u in zip(pieces, ortho):
                 updates[k][row:row + rows] = u
         for p, u in zip(params, updates):
+            if isinstance(p, DTensor):  # this rank's rows of the update, cut locally (no communication)
+                u = distribute_tensor(u, p.device_mesh, p.placements, src_data_rank=None)
             if wd:
                 p.mul_(1 - lr * wd)
             p.add_(u, alpha=-lr)
@@ -145,15 +178,18 @@ def muon_groups(model: GPT, matrix_lr: float, adam_lr: float, weight_decay: floa
     ]
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """cfg.optimizer "adamw": AdamW, weight decay on matrices (>= 2-D) only, fused kernels on CUDA,
-    foreach elsewhere. "muon": Muon for the blocks' matrices at cfg.matrix_lr, AdamW at cfg.lr for the
-    rest. Each group starts at its peak rate; the schedule scales that."""
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device, distributed: bool = False,
+                   sharded: bool = False) -> torch.optim.Optimizer:
+    """cfg.optimizer "adamw": AdamW, weight decay on matrices (>= 2-D) only, fused kernels on CUDA
+    (foreach for FSDP's sharded parameters and off CUDA). "muon": Muon for the blocks' matrices at
+    cfg.matrix_lr, AdamW at cfg.lr for the rest, its Newton-Schulz work split across ranks when
+    `distributed`. Each group starts at its peak rate; the schedule scales that."""
     if cfg.optimizer == "muon":
         groups = muon_groups(model, cfg.matrix_lr, cfg.lr, cfg.weight_decay)
-        return MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), momentum=cfg.momentum)
+        return MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), momentum=cfg.momentum,
+                         shard_work=distributed)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    extra = {"fused": True} if device.type == "cuda" and not sharded else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)

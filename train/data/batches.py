@@ -16,17 +16,23 @@ def _check_window(n_tokens: int, block_size: int, name: str) -> None:
 
 
 def get_batch(data: np.ndarray, batch_size: int, block_size: int, device, generator: torch.Generator,
-              *, name: str = "the dataset") -> tuple[torch.Tensor, torch.Tensor]:
+              *, name: str = "the dataset", shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch_size`` random windows of ``block_size + 1`` tokens from ``data`` (a 1-D array of ids).
 
     Returns int64 ``x, y`` of shape (B, T) with ``y`` = ``x`` shifted by one. The start positions
     come from ``generator`` (a CPU ``torch.Generator``): saving and restoring its state with
     ``get_state``/``set_state`` reproduces the same batches, which exact resume relies on.
+
+    shard=(rank, world): every rank draws the starts of the global batch (world * batch_size) from
+    the same generator and keeps its own run of batch_size of them, so ranks see different windows
+    and together exactly the batch one process with world * batch_size would see.
     """
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
         raise TypeError("get_batch needs a CPU torch.Generator, e.g. torch.Generator().manual_seed(seed)")
     _check_window(len(data), block_size, name)
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+    rank, world = shard
+    starts = torch.randint(len(data) - block_size, (world * batch_size,), generator=generator)
+    starts = starts[rank * batch_size:(rank + 1) * batch_size].numpy()
     return windows_at(data, starts, block_size, device)
 
 

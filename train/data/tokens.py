@@ -151,9 +151,10 @@ class PreparedData:
         for name in ("train", "val"):
             _check_window(len(self.split(name)), block_size, f"the {self.name} {name} split")
 
-    def get_batch(self, split: str, batch_size: int, block_size: int, device, generator: torch.Generator):
+    def get_batch(self, split: str, batch_size: int, block_size: int, device, generator: torch.Generator,
+                  shard: tuple[int, int] = (0, 1)):
         return get_batch(self.split(split), batch_size, block_size, device, generator,
-                         name=f"the {self.name} {split} split")
+                         name=f"the {self.name} {split} split", shard=shard)
 
 
 def prepare_dataset(

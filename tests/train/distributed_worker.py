@@ -1,0 +1,104 @@
+"""Runs training scenarios on every rank of a torchrun job, for tests/train/test_distributed.py.
+
+    torchrun --standalone --nproc_per_node 2 tests/train/distributed_worker.py SPEC.json
+
+SPEC: {"results": path, "scenarios": [{"name", "cfg": TrainConfig fields, "stop_at", "signal_at",
+"raise_at", "logits", "audit"}]}. One process group serves every scenario, in order; rank 0 rewrites
+the results file after each one, so a scenario that ends the job (raise_at) comes last.
+- signal_at k: rank 1 sends itself SIGTERM during step k (only rank 1 is signalled);
+- raise_at k: rank 1 raises during step k;
+- replicas: whether every rank ends with bit-identical weights (DDP);
+- logits: the trained model's logits on fixed tokens (an FSDP forward on every rank) are saved;
+- audit: every file rank 1 opens for writing, creates, renames or removes under out_dir is recorded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from train.config import TrainConfig
+from train.loop import Trainer
+
+WRITE_EVENTS = {"os.rename", "os.replace", "os.remove", "os.unlink", "os.mkdir", "os.rmdir", "shutil.rmtree",
+                "tempfile.mkstemp", "os.truncate"}
+audited: list[str] = []
+audit_root: list[str] = []  # the current scenario's out_dir while auditing, else empty
+
+
+def _audit(event: str, args) -> None:
+    if not audit_root or not args:
+        return
+    path = str(args[0]) if isinstance(args[0], (str, bytes, os.PathLike)) else ""
+    writes = event in WRITE_EVENTS
+    if event == "open" and len(args) >= 3:  # (path, mode or None, flags)
+        mode, flags = args[1], args[2]
+        writes = bool((isinstance(mode, str) and any(c in mode for c in "wax+")) or
+                      (isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)))
+    if writes and path and os.path.abspath(path).startswith(audit_root[0]):
+        audited.append(f"{event} {path}")
+
+
+def run(spec: dict) -> None:
+    rank = dist.get_rank()
+    results = {}
+    sys.addaudithook(_audit)
+    for sc in spec["scenarios"]:
+        cfg = TrainConfig(**sc["cfg"])
+        trainer = Trainer(cfg)
+        step, k = trainer._step, {"n": trainer.state.iter}
+
+        def patched_step():
+            k["n"] += 1
+            if rank == 1 and k["n"] == sc.get("signal_at"):
+                os.kill(os.getpid(), signal.SIGTERM)
+            if rank == 1 and k["n"] == sc.get("raise_at"):
+                with open(spec["results"] + ".raised", "w") as f:
+                    f.write(str(time.time()))
+                raise RuntimeError(f"injected failure on rank 1 at step {k['n']}")
+            return step()
+
+        trainer._step = patched_step
+        audited.clear()
+        if sc.get("audit") and rank == 1:
+            audit_root[:] = [os.path.abspath(cfg.out_dir)]
+        out = {}
+        try:
+            out = trainer.train(stop_at=sc.get("stop_at"))
+        except KeyboardInterrupt:
+            out = {"interrupted_at": trainer.state.iter}
+        finally:
+            audit_root.clear()
+        if sc.get("logits"):
+            idx = torch.arange(2 * 16).remainder(trainer.model_config.vocab_size).view(2, 16)
+            trainer.model.eval()
+            with torch.no_grad():
+                logits, _ = trainer.model(idx)
+            if rank == 0:
+                torch.save({"idx": idx, "logits": logits}, os.path.join(cfg.out_dir, "logits.pt"))
+        if sc.get("replicas"):  # DDP: every rank must hold the very same weights
+            flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+            copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+            dist.all_gather(copies, flat)
+            out["replicas_equal"] = all(torch.equal(c, flat) for c in copies)
+        gathered = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object(list(audited), gathered, dst=0)
+        if rank == 0:
+            out["rank1_writes"] = gathered[1]
+        trainer.close()
+        results[sc["name"]] = out
+        if rank == 0:
+            with open(spec["results"], "w") as f:
+                json.dump(results, f)
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    with open(sys.argv[1]) as f:
+        run(json.load(f))
+    dist.destroy_process_group()

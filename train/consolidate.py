@@ -1,0 +1,68 @@
+"""python -m train.consolidate OUT_DIR: write the single-file checkpoints of an FSDP run.
+
+`--parallel fsdp` saves sharded checkpoints (OUT/ckpt_sharded, one file per rank; see
+train/checkpoint.py). The sampler, the evaluator and one-process or DDP training read one file:
+this loads the sharded checkpoint that `latest` (and `best`) names into a plain model and optimizer
+in this one process, with no process group, and writes OUT/ckpt.pt (and OUT/ckpt_best.pt), the same
+files a DDP run writes, optimizer state included. It runs at the end of every FSDP run; run it by
+hand to sample from a run that is still training or was interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from gpt import GPT
+from gpt.checkpoint import SHARDED_DIR, model_config_of
+from gpt.errors import CheckpointError
+
+from .checkpoint import load_sharded, read_meta, save_checkpoint, sharded_checkpoint
+from .config import TrainConfig
+from .errors import TRAIN_ERRORS
+from .optim import make_optimizer
+
+TARGETS = {"latest": "ckpt.pt", "best": "ckpt_best.pt"}
+
+
+def consolidate(out_dir: str | Path) -> list[Path]:
+    """Write OUT/ckpt.pt from the latest sharded checkpoint and OUT/ckpt_best.pt from the best one;
+    returns the paths written."""
+    out = Path(out_dir)
+    if sharded_checkpoint(out) is None:
+        raise CheckpointError(f"no sharded checkpoint in {out / SHARDED_DIR}: consolidate reads the checkpoints "
+                              f"of `torchrun ... -m train --parallel fsdp` runs; other runs write {out / 'ckpt.pt'} "
+                              f"themselves")
+    written = []
+    for which, name in TARGETS.items():
+        step_dir = sharded_checkpoint(out, which)
+        if step_dir is None:
+            continue
+        meta = read_meta(step_dir)
+        cfg = TrainConfig(**{k: v for k, v in meta["train_config"].items() if k in TrainConfig.__dataclass_fields__})
+        model = GPT(model_config_of(meta, step_dir), kernels="torch")
+        optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+        load_sharded(step_dir, model, optimizer, no_dist=True)
+        state = {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        save_checkpoint(state, out / name)
+        written.append(out / name)
+    return written
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.consolidate", description=__doc__.splitlines()[0])
+    p.add_argument("out_dir", help="the run directory (--out-dir of the FSDP run)")
+    args = p.parse_args(argv)
+    try:
+        for path in consolidate(args.out_dir):
+            print(f"wrote {path}")
+        return 0
+    except TRAIN_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
