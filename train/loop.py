@@ -30,14 +30,15 @@ from matplotlib.figure import Figure
 from gpt import GPT, GPTConfig, ops
 from gpt.checkpoint import SHARDED_DIR, model_config_of, read_checkpoint
 from gpt.errors import CheckpointError, ConfigError
-from gpt.runtime import autocast, dtype_name, peak_flops, resolve_device, resolve_dtype
+from gpt.runtime import autocast, dtype_name, peak_flops, resolve_dtype
 from gpt.optional import import_optional
 
 from .checkpoint import (load_sharded, read_meta, rng_state, save_checkpoint, save_sharded, set_rng_state,
                          sharded_checkpoint)
 from .config import TrainConfig
+from .consolidate import consolidate
 from .data import PreparedData, prepare_dataset
-from .distributed import World, clip_grad_norm, grad_sync, init_distributed, parallelize
+from .distributed import clip_grad_norm, grad_sync, init_distributed, parallelize
 from .errors import TrainingError
 from .optim import make_optimizer
 
@@ -152,8 +153,8 @@ class Trainer:
         cfg, world = self.cfg, self.world
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if world.parallel == "fsdp" and self.dtype == torch.float16:
-            raise ConfigError("--parallel fsdp with --dtype float16: loss scaling does not cover "
-                                           "sharded gradients here; use --dtype bfloat16 (or --parallel ddp)")
+            raise ConfigError("--parallel fsdp with --dtype float16: loss scaling does not cover sharded "
+                              "gradients here; use --dtype bfloat16 (or --parallel ddp)")
         ops.resolve(cfg.kernels, self.device)  # 'triton' where it cannot run: a clear error before any data work
         self.out = Path(cfg.out_dir)
         self.ckpt_path = self.out / "ckpt.pt"
@@ -161,12 +162,13 @@ class Trainer:
 
         resume_state, self._resume_dir = (self._read_resume_state(trust_checkpoint) if cfg.resume else (None, None))
 
-        # Rank 0 tokenizes and caches the dataset first; the others then read the cache, quietly.
-        if not world.main:
-            world.barrier()
-        with contextlib.redirect_stderr(io.StringIO()) if not world.main else contextlib.nullcontext():
-            self.data = open_data(cfg)
-        if world.main:
+        # Rank 0 tokenizes and caches the dataset first, then the first rank of every other node (in
+        # case its data_dir is not shared), then the rest read the cache: never two builders of one file.
+        my_turn = 0 if world.main else 1 if world.local_rank == 0 else 2
+        for turn in range(3 if world.size > 1 else 1):
+            if turn == my_turn:
+                with contextlib.redirect_stderr(io.StringIO()) if not world.main else contextlib.nullcontext():
+                    self.data = open_data(cfg)
             world.barrier()
         self.tokenizer = self.data.tokenizer
         self.model_config = cfg.model_config(self.tokenizer.vocab_size)
@@ -270,6 +272,11 @@ class Trainer:
             state["optimizer"] = self.optimizer.state_dict()
         return state
 
+    @property
+    def checkpoint_location(self) -> Path:
+        """Where this run's checkpoints go: OUT/ckpt.pt, or OUT/ckpt_sharded under FSDP."""
+        return self.out / SHARDED_DIR if self.world.parallel == "fsdp" else self.ckpt_path
+
     def save(self, best: bool = False, **kw) -> None:
         """Every rank calls this. FSDP: a sharded checkpoint, every rank writing its part. Otherwise rank 0
         writes OUT/ckpt.pt (and ckpt_best.pt), atomically."""
@@ -343,14 +350,16 @@ class Trainer:
                 if not saved and not world.distributed:  # between steps (logging, eval): the state is consistent
                     self._save_now(clock)
                     saved = True
-                if world.main:  # ranks may be anywhere in a collective: no save that needs them all
-                    print(f"\ninterrupted: " + (f"checkpoint saved at iter {st.iter}; continue with --resume"
-                                                if saved else "no checkpoint written now; --resume continues "
-                                                "from the last one"), file=sys.stderr)
+                where = self.checkpoint_location
+                if world.main and saved:
+                    print(f"\ninterrupted: checkpoint saved to {where} at iter {st.iter}; continue with --resume",
+                          file=sys.stderr)
+                elif world.main:  # ranks may be anywhere in a collective: no save that needs them all
+                    print(f"\ninterrupted mid-step: no checkpoint written now; --resume continues from the last "
+                          f"one in {where}", file=sys.stderr)
                 raise
-            where = self.ckpt_path if world.parallel != "fsdp" else self.out / SHARDED_DIR
             self._write(f"done ({stop_reason}): {st.iter} iters, {st.tokens:,} tokens in {_hms(st.elapsed)}; "
-                        f"val loss {last_eval['val_loss']:.4f} (best {st.best_val:.4f}); checkpoint {where}")
+                        f"val loss {last_eval['val_loss']:.4f} (best {st.best_val:.4f}); checkpoint {self.checkpoint_location}")
         if world.parallel == "fsdp":
             self._consolidate()
         return {"iters": st.iter, "tokens": st.tokens, "elapsed": st.elapsed, **last_eval,
@@ -360,7 +369,6 @@ class Trainer:
         """After an FSDP run: rank 0 writes ckpt.pt (and ckpt_best.pt) from the sharded checkpoint, for
         the sampler and the evaluator; the other ranks wait."""
         if self.world.main:
-            from .consolidate import consolidate
             for path in consolidate(self.out):
                 self._write(f"consolidated {path}")
         self.world.barrier()
@@ -488,9 +496,8 @@ class Trainer:
             st.best_val = ev["val_loss"]
         self.save(best=best)
         self._record({"iter": st.iter, **ev, "tokens": st.tokens, "elapsed": st.elapsed})
-        where = self.ckpt_path if self.world.parallel != "fsdp" else self.out / SHARDED_DIR
         self._write(f"eval @ {st.iter}: train {ev['train_loss']:.4f} | val {ev['val_loss']:.4f}"
-                    f"{' (best)' if best else ''} | saved {where}")
+                    f"{' (best)' if best else ''} | saved {self.checkpoint_location}")
         if self.world.main:
             plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
         return ev

@@ -260,3 +260,22 @@ def test_torchrun_command_line_rank_0_alone_prints(root):
     assert any(line.startswith("iter      4/4 | loss") for line in lines), lines
     assert any(line.startswith("result: ") for line in lines), lines
     assert read_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")["iter"] == 4  # consolidated at the end
+
+
+def test_parallel_without_torchrun_says_how_to_launch(root, capsys):
+    from train.__main__ import main
+    assert main(["--parallel", "fsdp", "--dataset", str(root / "corpus.txt"), "--data-dir", str(root / "data")]) == 2
+    err = capsys.readouterr().err
+    assert "error: --parallel fsdp needs several processes" in err and "torchrun --nproc_per_node" in err
+
+
+def test_resuming_a_sharded_only_run_without_fsdp_says_what_to_do(root, job):
+    run = root / "sharded_only"
+    shutil.copytree(root / "fsdp_resume" / "ckpt_sharded", run / "ckpt_sharded")
+    with pytest.raises(Exception) as e:
+        Trainer(TrainConfig(**config(root, run.name, resume=True)))
+    assert type(e.value).__name__ == "CheckpointError"
+    assert "--parallel fsdp" in str(e.value) and f"python -m train.consolidate {run}" in str(e.value)
+    # The sampler, pointed at the missing single file, names the same command.
+    with pytest.raises(Exception, match="python -m train.consolidate"):
+        read_checkpoint(run / "ckpt.pt")
