@@ -7,6 +7,7 @@ SPEC: {"results": path, "scenarios": [{"name", "cfg": TrainConfig fields, "stop_
 the results file after each one, so a scenario that ends the job (raise_at) comes last.
 - signal_at k: rank 1 sends itself SIGTERM during step k (only rank 1 is signalled);
 - raise_at k: rank 1 raises during step k;
+- nan_at k: rank 1 sets a weight to NaN before step k (its loss, then everyone's gradients, go NaN);
 - replicas: whether every rank ends with bit-identical weights (DDP);
 - logits: the trained model's logits on fixed tokens (an FSDP forward on every rank) are saved;
 - audit: every file rank 1 opens for writing, creates, renames or removes under out_dir is recorded.
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from train.config import TrainConfig
+from train.errors import TrainingError
 from train.loop import Trainer
 
 WRITE_EVENTS = {"os.rename", "os.replace", "os.remove", "os.unlink", "os.mkdir", "os.rmdir", "shutil.rmtree",
@@ -61,19 +63,26 @@ def run(spec: dict) -> None:
                 with open(spec["results"] + ".raised", "w") as f:
                     f.write(str(time.time()))
                 raise RuntimeError(f"injected failure on rank 1 at step {k['n']}")
+            if rank == 1 and k["n"] == sc.get("nan_at"):
+                with torch.no_grad():
+                    next(trainer.model.parameters()).fill_(float("nan"))
             return step()
 
         trainer._step = patched_step
         audited.clear()
         if sc.get("audit") and rank == 1:
             audit_root[:] = [os.path.abspath(cfg.out_dir)]
-        out = {}
+        out, outcome = {}, "done"
         try:
             out = trainer.train(stop_at=sc.get("stop_at"))
         except KeyboardInterrupt:
-            out = {"interrupted_at": trainer.state.iter}
+            outcome = f"interrupted at {trainer.state.iter}"
+        except TrainingError:
+            outcome = f"TrainingError at {trainer.state.iter}"
         finally:
             audit_root.clear()
+        out["outcomes"] = [None] * dist.get_world_size()
+        dist.all_gather_object(out["outcomes"], outcome)  # what every rank did
         if sc.get("logits"):
             idx = torch.arange(2 * 16).remainder(trainer.model_config.vocab_size).view(2, 16)
             trainer.model.eval()

@@ -78,11 +78,12 @@ SCENARIOS = [
     dict(name="ddp_compiled", parallel="ddp", compile=True, gradient_checkpointing=True, replicas=True),
     dict(name="fsdp_compiled", parallel="fsdp", compile=True, gradient_checkpointing=True),
     dict(name="signal", parallel="ddp", signal_at=2),
+    dict(name="nan", parallel="ddp", eval_interval=1, nan_at=2),
     dict(name="raise", parallel="ddp", eval_interval=2, raise_at=3),  # last: it ends the job
 ]
 
 
-WORKER_KEYS = ("stop_at", "signal_at", "raise_at", "logits", "audit", "replicas")
+WORKER_KEYS = ("stop_at", "signal_at", "raise_at", "nan_at", "logits", "audit", "replicas")
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +205,14 @@ def test_only_rank_0_writes_files(job):
 
 
 def test_a_signal_on_one_rank_stops_both_at_the_same_step(root, job):
-    results = job[1]
-    assert results["signal"]["interrupted_at"] == 2
+    assert job[1]["signal"]["outcomes"] == ["interrupted at 2"] * 2
     assert read_checkpoint(root / "signal" / "ckpt.pt")["iter"] == 2
+
+
+def test_a_nan_on_one_rank_stops_both_and_keeps_the_last_good_checkpoint(root, job):
+    assert job[1]["nan"]["outcomes"] == ["TrainingError at 2"] * 2
+    ck = read_checkpoint(root / "nan" / "ckpt.pt")
+    assert ck["iter"] == 1 and all(torch.isfinite(t).all() for t in ck["model"].values())
 
 
 def test_a_rank_that_raises_ends_the_job_and_keeps_the_last_checkpoint(root, job):
