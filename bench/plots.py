@@ -157,6 +157,45 @@ def static(records: list[dict], out_dir: Path) -> list[Path]:
     return [_save(fig, out_dir / "roofline_estimates.png")]
 
 
+def dist(records: list[dict], out_dir: Path) -> list[Path]:
+    """Left: MEASURED tokens/s by number of CPU ranks and mode. Right: ESTIMATED scaling-efficiency range
+    (no overlap .. full overlap) per preset on the H100 clusters."""
+    meas = [r for r in records if r.get("table") == "measured" and "tokens_per_s" in r]
+    est = [r for r in records if r.get("table") == "estimated"]
+    if not meas and not est:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+    ax = axes[0, 0]
+    keys = list(dict.fromkeys((r["preset"], r["world_size"], r["parallel"]) for r in meas))
+    bars = ax.bar(range(len(keys)), [next(r["tokens_per_s"] for r in meas
+                                          if (r["preset"], r["world_size"], r["parallel"]) == k) for k in keys],
+                  color=["C0" if p == "none" else "C1" if p == "ddp" else "C2" for _, _, p in keys])
+    ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(keys)), [f"{p}\n{w} rank{'s' if w > 1 else ''}\n{m}" for p, w, m in keys], fontsize=8)
+    ax.set_ylabel("global tokens / s")
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title("MEASURED on CPU ranks (gloo, 1 thread each), weak scaling", fontsize=10)
+    ax = axes[0, 1]
+    cases = list(dict.fromkeys((r["cluster"], r["parallel"]) for r in est))
+    presets = list(dict.fromkeys(r["preset"] for r in est))
+    width = 0.8 / max(1, len(cases))
+    for i, case in enumerate(cases):
+        rows = [next((r for r in est if r["preset"] == p and (r["cluster"], r["parallel"]) == case), None)
+                for p in presets]
+        xs = [j + i * width - 0.4 + width / 2 for j, r in enumerate(rows) if r]
+        lows = [100 * r["efficiency_no_overlap"] for r in rows if r]
+        highs = [100 * r["efficiency_full_overlap"] for r in rows if r]
+        ax.bar(xs, [h - lo for h, lo in zip(highs, lows)], width, bottom=lows, label=f"{case[0]} {case[1]}")
+    ax.set_xticks(range(len(presets)), presets)
+    ax.set_ylabel("scaling efficiency % (no overlap .. full)")
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    ax.set_title("ESTIMATED on H100 clusters (formula, assumed MFU)", fontsize=10)
+    fig.suptitle("Data-parallel training: measured CPU scaling, estimated GPU scaling", fontsize=11)
+    return [_save(fig, out_dir / "dist_scaling.png")]
+
+
 def loss_curves(records: list[dict], out_dir: Path, device_name: str) -> list[Path]:
     """The training loss per step of each kernel path (records of bench/gpu_check.py's train step)."""
     runs = [r for r in records if r.get("curve")]

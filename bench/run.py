@@ -1,8 +1,9 @@
-"""One benchmark runner: kernels, training throughput/MFU, decoding, and static GPU estimates.
+"""One benchmark runner: kernels, training throughput/MFU, decoding, static GPU estimates, data-parallel scaling.
 
-    python bench/run.py                      # quick suite: all four suites, small sweeps (< 5 min on 2 CPU cores)
+    python bench/run.py                      # quick suite: all five suites, small sweeps (< 5 min on 2 CPU cores)
     python bench/run.py --full               # the complete sweeps (minutes on a GPU, long on a CPU)
     python bench/run.py --suite kernels --sizes 1024,4096 --device cuda
+    python bench/run.py --suite dist         # data-parallel scaling: CPU ranks (measured), H100 clusters (estimated)
 
 Prints aligned tables, writes DIR/results.json (machine, versions, git commit, command, every
 measurement, each marked "measured" or "estimated") and PNG plots, and ends with one JSON line.
@@ -25,7 +26,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from bench import decode_suite, kernel_suite, plots, static_suite, train_suite  # noqa: E402
+from bench import decode_suite, dist_suite, kernel_suite, plots, static_suite, train_suite  # noqa: E402
 from bench.common import RunContext, log, progress  # noqa: E402
 from bench.timing import measure_copy_bandwidth  # noqa: E402
 from gpt import ops  # noqa: E402
@@ -34,7 +35,7 @@ from gpt.errors import USER_ERRORS  # noqa: E402
 from gpt.runtime import (DTYPES, cpu_has_native_bf16, dtype_name, measure_matmul_flops, peak_flops,  # noqa: E402
                          resolve_device)
 
-SUITES = ("kernels", "train", "decode", "static")
+SUITES = ("kernels", "train", "decode", "static", "dist")
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = 1
 
@@ -43,14 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="all",
-                   help="comma-separated: kernels, train, decode, static, or all (default: all)")
+                   help="comma-separated: kernels, train, decode, static, dist, or all (default: all)")
     level = p.add_mutually_exclusive_group()
     level.add_argument("--quick", action="store_true",
                        help="small sweeps and few repeats (the default; finishes in minutes on a laptop CPU)")
     level.add_argument("--full", action="store_true",
                        help="complete sweeps, every preset that fits at its default batch and block size")
     p.add_argument("--preset", default=None,
-                   help="comma-separated presets for train/decode (default: all on CUDA, tiny,small on CPU)")
+                   help="comma-separated presets for train/decode/dist (default: all on CUDA, tiny,small on CPU; "
+                        "dist: tiny measured, every preset estimated)")
     p.add_argument("--sizes", default=None,
                    help="comma-separated kernel sweep sizes: rows for row-wise ops, sequence length for attention")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
@@ -61,8 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output directory (default: bench/results/<time>-<device>-<mode>)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers and training modes")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--batch-size", type=int, default=None, help="train suite: sequences per step (all presets)")
-    p.add_argument("--seq-len", type=int, default=None, help="train suite: tokens per sequence (all presets)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="train suite: sequences per step (all presets); dist suite: sequences per rank")
+    p.add_argument("--seq-len", type=int, default=None, help="train and dist suites: tokens per sequence (all presets)")
     p.add_argument("--new-tokens", type=int, default=None, help="decode suite: tokens to generate (32 quick, 256 full)")
     p.add_argument("--contexts", default=None, help="decode suite: comma-separated context lengths to sweep")
     p.add_argument("--report-json", default=None,
@@ -163,6 +166,10 @@ def summary(results: dict, out_dir: Path, seconds: float, ctx: RunContext, devic
     if dec:
         s["decode_tokens_per_s"] = {f"{r['preset']} {r['kernels']} b{r['batch']} {'cache' if r['kv_cache'] else 'no-cache'}":
                                     round(r["tokens_per_s"], 1) for r in dec}
+    dist = [r for r in results.get("dist", []) if r.get("table") == "measured" and "tokens_per_s" in r]
+    if dist:
+        s["dist_tokens_per_s"] = {f"{r['preset']} {r['world_size']} CPU rank(s) {r['parallel']}":
+                                  round(r["tokens_per_s"], 1) for r in dist}
     comp = [r for r in results.get("static", []) if r.get("table") == "compile"]
     if comp:
         s["static_compiled"] = f"{sum(r['compiled'] for r in comp)}/{sum(r['configs'] for r in comp)}"
@@ -229,6 +236,7 @@ def main(argv=None) -> int:
                    lambda r: plots.decode(r, out_dir, device_name)),
         "static": (lambda: static_suite.run(ctx, out_dir, args.report_json), static_suite.print_tables,
                    lambda r: plots.static(r, out_dir)),
+        "dist": (lambda: dist_suite.run(ctx), dist_suite.print_tables, lambda r: plots.dist(r, out_dir)),
     }
     for name in args.suites:
         run, print_tables, plot = suites[name]

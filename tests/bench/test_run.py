@@ -14,7 +14,7 @@ from gpt import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[2]
 PLOTS = ("kernels_gbps.png", "attention_tflops.png", "train_tokens_per_s.png", "decode_tokens_per_s.png",
-         "roofline_estimates.png")
+         "roofline_estimates.png", "dist_scaling.png")
 
 # A kernels.report JSON as the compile report writes it (two rows), so the static suite is tested
 # without minutes of ptxas.
@@ -55,7 +55,7 @@ def test_results_json_has_machine_command_and_every_suite(quick_run):
     assert m["torch"] == torch.__version__
     assert "bench/run.py" in doc["command"] and "--quick" in doc["argv"]
     assert doc["calibration"]["kind"] == "measured" and doc["calibration"]["copy_gbps"] > 0
-    assert set(doc["results"]) == {"kernels", "train", "decode", "static"}
+    assert set(doc["results"]) == {"kernels", "train", "decode", "static", "dist"}
     for suite, records in doc["results"].items():
         assert records, suite
         for r in records:  # every number says where it comes from
@@ -82,12 +82,18 @@ def test_each_suite_measured_what_it_should(quick_run):
     compiled = [r for r in res["static"] if r.get("table") == "compile"]
     assert {r["kernel"] for r in compiled} == {"_rms_norm_fwd_kernel", "attention_fwd"}
     assert {r["kind"] for r in res["static"] if r.get("table") == "roofline"} == {"estimated"}
+    dist = [r for r in res["dist"] if r["table"] == "measured"]
+    assert {(r["world_size"], r["parallel"]) for r in dist} == {(1, "none"), (2, "ddp"), (2, "fsdp")}
+    for r in dist:  # --batch-size and --seq-len are per rank
+        assert r["kind"] == "measured" and r["batch_per_rank"] == 2 and r["seq"] == 32 and r["tokens_per_s"] > 0
+    assert {(r["preset"], r["kind"]) for r in res["dist"] if r["table"] == "estimated"} == {("tiny", "estimated")}
 
 
 def test_stdout_tables_plots_and_final_json_line(quick_run):
     stdout, doc, out = quick_run
     assert "Triton kernel numbers need a CUDA GPU" in stdout
-    for title in ("kernels (MEASURED", "train: full step", "decode: greedy generation", "ESTIMATED best-case roofline"):
+    for title in ("kernels (MEASURED", "train: full step", "decode: greedy generation", "ESTIMATED best-case roofline",
+                  "dist: data-parallel training step on CPU ranks", "dist: ESTIMATED data-parallel scaling"):
         assert title in stdout, title
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary == doc["summary"]
