@@ -247,10 +247,21 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
-                 dtype: torch.dtype | str | None = None) -> torch.Tensor:
-        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens). See gpt/generate.py."""
+                 dtype: torch.dtype | str | None = None, *, min_p: float | None = None,
+                 repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                 eot_id: int | None = None) -> torch.Tensor:
+        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens). See gpt/generate.py.
+
+        temperature 0 is greedy; top_k, top_p, min_p filter; repetition_penalty (CTRL: over the prompt and
+        the generated tokens), frequency_penalty and presence_penalty (OpenAI: over the generated tokens
+        only). eot_id: a row ends when it samples this token and is padded with it from then on; the
+        result is shorter once every row has ended. Stop strings, several samples per prompt and prompts
+        of different lengths: `gpt.generate.generate_completions`.
+        """
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        generator=generator, use_cache=use_cache, dtype=dtype)
+                        generator=generator, use_cache=use_cache, dtype=dtype, min_p=min_p,
+                        repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                        presence_penalty=presence_penalty, eot_id=eot_id)
 
 
 def create_model(preset: str = "tiny", kernels: str = "auto", gradient_checkpointing: bool = False,

@@ -1,40 +1,115 @@
-"""python -m gpt.sample: generate text from a checkpoint, once or interactively, streaming tokens."""
+"""python -m gpt.sample: generate text from a checkpoint, once or interactively, streaming tokens.
+
+One prompt and one sample: the text is streamed as it is generated. Several (--num-samples N, a
+--prompts-file): every prompt x sample is generated in batches (one batch per prompt token length,
+see gpt/generate.py) and each is printed under a `--- prompt P, sample S ---` line, in order.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from .checkpoint import load_model
 from .errors import USER_ERRORS, ConfigError
-from .generate import generate_stream
+from .generate import Completion, check_sampling_value, generate_completions
 from .ops import KERNEL_MODES
 from .runtime import dtype_name, resolve_device, resolve_dtype
 
 INTERACTIVE_HELP = """commands:
   /temp X     sampling temperature (0 = greedy)      /topk K   keep the K most likely tokens (0 = off)
-  /topp P     nucleus sampling (1 = off)             /tokens N tokens to generate per turn
-  /reset      forget the conversation so far         /show     print the current settings
-  /help       this text                              /quit     exit (or Ctrl-D)
+  /topp P     nucleus sampling (1 = off)             /minp P   drop tokens below P x the top probability (0 = off)
+  /rep X      repetition penalty (1 = off)           /freq X   frequency penalty (0 = off)
+  /pres X     presence penalty (0 = off)             /tokens N tokens to generate per turn
+  /stop STR   also stop at STR (\\n for a newline); /stop alone clears the stop strings
+  /eot on|off stop at the end-of-text token or not   /show     print the current settings
+  /reset      forget the conversation so far         /help     this text
+  /quit       exit (or Ctrl-D)
 Anything else is appended to the session text and the model continues it."""
+
+# Interactive command -> (the setting in args, its type); sampling settings are checked by gpt.generate's rules.
+COMMANDS = {"/temp": ("temperature", float), "/topk": ("top_k", int), "/topp": ("top_p", float),
+            "/minp": ("min_p", float), "/rep": ("repetition_penalty", float), "/freq": ("frequency_penalty", float),
+            "/pres": ("presence_penalty", float), "/tokens": ("max_tokens", int)}
+SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+                  "repetition_penalty": "--repetition-penalty", "frequency_penalty": "--frequency-penalty",
+                  "presence_penalty": "--presence-penalty"}
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """`\\n`, `\\t`, `\\r` and `\\\\` in text as a newline, tab, carriage return and backslash; any other
+    backslash is kept as it is."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a text file: one per line, blank lines skipped, `\\n` (and `\\t`, `\\\\`) escapes
+    for newlines inside a prompt."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--prompts-file {path} does not exist; pass a text file with one prompt per line")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--prompts-file {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                          f"save it as UTF-8") from None
+    prompts = [unescape(line) for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"--prompts-file {path} holds no prompt; write one prompt per line")
+    return prompts
+
+
+def held_back(text: str, stops) -> int:
+    """How many characters at the end of text could be the start of a stop string (not printed yet)."""
+    n = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), n, -1):
+            if text.endswith(s[:k]):
+                n = k
+                break
+    return n
 
 
 class Streamer:
-    """Turns a growing list of ids into printable text deltas; holds back an unfinished UTF-8 sequence."""
+    """Turns a growing list of ids into printable text deltas; holds back an unfinished UTF-8 sequence
+    and any text that may be the beginning of a stop string (never printed if the stop string follows)."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tok, self.out, self.ids, self.printed = tokenizer, out, [], ""
+    def __init__(self, tokenizer, out=None, stop=()):
+        self.tok, self.stop, self.ids, self.printed = tokenizer, tuple(stop), [], ""
+        self.out = out if out is not None else sys.stdout
+
+    def _write(self, upto: str) -> str:
+        delta = upto[len(self.printed):] if upto.startswith(self.printed) else ""
+        if delta:
+            self.printed = upto
+            self.out.write(delta)
+            self.out.flush()
+        return delta
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):          # a multi-byte character split across tokens: wait
             return ""
-        delta, self.printed = text[len(self.printed):], text
-        self.out.write(delta)
-        self.out.flush()
-        return delta
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        end = min(hits) if hits else len(text) - held_back(text, self.stop)
+        return self._write(text[:end])
+
+    def finish(self, text: str) -> str:
+        """Print the rest of the final text of the completion (what was held back and belongs to it)."""
+        return self._write(text)
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
@@ -53,16 +128,64 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def complete(model, tokenizer, ids: list[int], args, generator, out=sys.stdout) -> list[int]:
-    """Stream a continuation of ids to `out`; return the new ids."""
-    device = model.wte.weight.device
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    streamer = Streamer(tokenizer, out)
-    for tok in generate_stream(model, idx, args.max_tokens, temperature=args.temperature,
-                               top_k=args.top_k or None, top_p=args.top_p, generator=generator,
-                               use_cache=not args.no_cache, dtype=args.compute_dtype):
-        streamer.push(int(tok[0, 0]))
-    return streamer.ids
+def sampling_kwargs(args) -> dict:
+    """The SamplingConfig fields of the parsed arguments."""
+    return {"temperature": args.temperature, "top_k": args.top_k or None, "top_p": args.top_p, "min_p": args.min_p,
+            "repetition_penalty": args.repetition_penalty, "frequency_penalty": args.frequency_penalty,
+            "presence_penalty": args.presence_penalty}
+
+
+def _generation_kwargs(tokenizer, args, generator) -> dict:
+    return dict(tokenizer=tokenizer, stop=args.stop, eot_id=None if args.ignore_eot else tokenizer.eot_id,
+                generator=generator, use_cache=not args.no_cache, dtype=args.compute_dtype, **sampling_kwargs(args))
+
+
+def complete(model, tokenizer, ids: list[int], args, generator, out=None) -> Completion:
+    """Stream one continuation of ids to `out` (cut before a stop string); return it."""
+    streamer = Streamer(tokenizer, out, args.stop)
+    [c] = generate_completions(model, [ids], args.max_tokens, on_token=lambda i, t: streamer.push(t),
+                               **_generation_kwargs(tokenizer, args, generator))
+    streamer.finish(c.text)
+    return c
+
+
+def sample_all(model, tokenizer, texts: list[str], args, generator, out=None) -> list[Completion]:
+    """Every prompt x --num-samples, batched; streamed when there is a single one, else each printed under
+    a label as soon as it and the ones before it are done."""
+    out = out if out is not None else sys.stdout
+    prompts = []
+    for n, text in enumerate(texts, 1):
+        try:
+            prompts.append(encode_prompt(tokenizer, text))
+        except ConfigError as e:
+            raise ConfigError(f"prompt {n}: {e}" if len(texts) > 1 else str(e)) from None
+    if len(prompts) * args.num_samples == 1:
+        out.write(texts[0])
+        c = complete(model, tokenizer, prompts[0], args, generator, out)
+        out.write("\n")
+        return [c]
+    done: dict[int, Completion] = {}
+    shown = [0]
+
+    def show(i: int, c: Completion) -> None:
+        done[i] = c
+        while shown[0] in done:
+            c = done.pop(shown[0])
+            out.write(f"--- prompt {c.prompt_index + 1}, sample {c.sample_index + 1} ---\n")
+            out.write(texts[c.prompt_index] + c.text + "\n")
+            out.flush()
+            shown[0] += 1
+
+    return generate_completions(model, prompts, args.max_tokens, num_samples=args.num_samples, on_finish=show,
+                                **_generation_kwargs(tokenizer, args, generator))
+
+
+def show_settings(args, history: list[int]) -> str:
+    stops = " ".join(repr(s) for s in args.stop) or "none"
+    return (f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} min_p={args.min_p} "
+            f"repetition_penalty={args.repetition_penalty} frequency_penalty={args.frequency_penalty} "
+            f"presence_penalty={args.presence_penalty} stop={stops} eot={'off' if args.ignore_eot else 'on'} "
+            f"tokens={args.max_tokens} history={len(history)} tokens")
 
 
 def interactive(model, tokenizer, args, generator) -> None:
@@ -86,16 +209,33 @@ def interactive(model, tokenizer, args, generator) -> None:
                 print("(session cleared)")
                 continue
             if cmd == "/show":
-                print(f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} "
-                      f"tokens={args.max_tokens} history={len(history)} tokens")
+                print(show_settings(args, history))
                 continue
-            if cmd in ("/temp", "/topk", "/topp", "/tokens"):
-                value = float(arg) if cmd in ("/temp", "/topp") else int(arg)
-                if (cmd == "/temp" and value < 0) or (cmd == "/topp" and not 0 < value <= 1) or \
-                        (cmd in ("/topk", "/tokens") and value < 0):
-                    raise ConfigError(f"{cmd}: value {arg} out of range")
-                setattr(args, {"/temp": "temperature", "/topk": "top_k", "/topp": "top_p",
-                               "/tokens": "max_tokens"}[cmd], value)
+            if cmd == "/stop":
+                # The text after "/stop " as typed (leading spaces included), escapes interpreted.
+                text = unescape(line.lstrip()[len("/stop "):]) if line.strip() != "/stop" else ""
+                args.stop = [*args.stop, text] if text else []
+                print(f"(stop = {' '.join(repr(s) for s in args.stop) or 'none'})")
+                continue
+            if cmd == "/eot":
+                if arg not in ("on", "off"):
+                    raise ConfigError(f"/eot: say on or off, got {arg!r}")
+                args.ignore_eot = arg == "off"
+                print(f"(eot = {arg})")
+                continue
+            if cmd in COMMANDS:
+                name, kind = COMMANDS[cmd]
+                try:
+                    value = kind(arg)
+                except ValueError:
+                    raise ConfigError(f"{cmd} needs {'an integer' if kind is int else 'a number'}, "
+                                      f"got {arg!r}") from None
+                if name == "max_tokens":
+                    if value < 0:
+                        raise ConfigError(f"{cmd} must be >= 0, got {value}")
+                else:
+                    check_sampling_value(name, value, cmd)
+                setattr(args, name, value)
                 print(f"({cmd[1:]} = {value})")
                 continue
             if cmd.startswith("/"):
@@ -112,7 +252,10 @@ def interactive(model, tokenizer, args, generator) -> None:
             continue
         history += new
         try:
-            history += complete(model, tokenizer, history, args, generator)
+            c = complete(model, tokenizer, history, args, generator)
+            history += c.ids
+            if c.finish_reason == "eot":
+                print("\n(end of text)", file=sys.stderr)
         except KeyboardInterrupt:
             print("\n(generation stopped)", file=sys.stderr)
 
@@ -120,12 +263,26 @@ def interactive(model, tokenizer, args, generator) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gpt.sample", description="Generate text from a checkpoint.")
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by python -m train")
-    p.add_argument("--prompt", default="", help="text to continue (default: start from scratch)")
+    p.add_argument("--prompt", default=None, help="text to continue (default: start from scratch)")
+    p.add_argument("--prompts-file", "--prompts_file", dest="prompts_file", default=None,
+                   help="a text file of prompts, one per line (\\n inside a line is a newline; blank lines skipped)")
     p.add_argument("--max-tokens", "--max_tokens", "--max-new-tokens", "--max_new_tokens", dest="max_tokens",
                    type=int, default=500, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=None, help="keep the k most likely tokens")
     p.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--min-p", "--min_p", dest="min_p", type=float, default=None,
+                   help="keep tokens whose probability is at least this times the top token's (0 = off)")
+    p.add_argument("--repetition-penalty", "--repetition_penalty", dest="repetition_penalty", type=float, default=1.0,
+                   help="CTRL-style, over the prompt and the generated tokens: > 1 discourages repeats (1 = off)")
+    p.add_argument("--frequency-penalty", "--frequency_penalty", dest="frequency_penalty", type=float, default=0.0,
+                   help="subtract this x (times the token was generated) from its logit; the prompt does not count")
+    p.add_argument("--presence-penalty", "--presence_penalty", dest="presence_penalty", type=float, default=0.0,
+                   help="subtract this from the logit of every token generated so far; the prompt does not count")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="end a sample where this text appears, cut before it (repeatable; \\n for a newline)")
+    p.add_argument("--ignore-eot", "--no-eot", dest="ignore_eot", action="store_true",
+                   help="keep generating past the tokenizer's end-of-text token (default: a sample ends there)")
     p.add_argument("--seed", type=int, default=None, help="for reproducible samples")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
@@ -133,21 +290,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Triton kernels or PyTorch ops (auto: Triton on CUDA); whatever the model trained with")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="also load checkpoints that need pickle (older formats); this can run code in the file")
-    p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=1)
+    p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=1,
+                   help="samples per prompt, generated together in one batch")
     p.add_argument("--no-cache", action="store_true", help="recompute the context each step (slow; for checking)")
     p.add_argument("--interactive", action="store_true", help="a prompt loop; /help lists commands")
     return p
 
 
+def check_args(args) -> list[str]:
+    """One-line ConfigErrors for settings that cannot work, before the checkpoint is read; returns the prompts."""
+    if args.max_tokens < 0:
+        raise ConfigError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    for name, flag in SAMPLING_FLAGS.items():
+        check_sampling_value(name, getattr(args, name), flag)
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
+    args.stop = [unescape(s) for s in args.stop]
+    if any(not s for s in args.stop):
+        raise ConfigError("--stop needs a non-empty string; drop the empty one")
+    if args.interactive and (args.prompts_file or args.num_samples > 1 or args.prompt is not None):
+        raise ConfigError("--interactive continues one text at a time: drop --prompt, --prompts-file and "
+                          "--num-samples")
+    if args.prompts_file is not None:
+        if args.prompt is not None:
+            raise ConfigError("pass --prompt or --prompts-file, not both")
+        return read_prompts(args.prompts_file)
+    return [args.prompt or ""]
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.max_tokens < 0:
-            raise ConfigError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-        if args.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
-        if args.top_p is not None and not 0 < args.top_p <= 1:
-            raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+        texts = check_args(args)
         device = resolve_device(args.device)
         args.compute_dtype = resolve_dtype(args.dtype, device)
         # Decoding reads every weight once per token: store them in the compute dtype (half the bytes in bf16).
@@ -160,13 +334,7 @@ def main(argv=None) -> int:
         if args.interactive:
             interactive(model, tokenizer, args, generator)
             return 0
-        ids = encode_prompt(tokenizer, args.prompt)
-        for i in range(args.num_samples):
-            if i:
-                print("\n" + "-" * 40)
-            sys.stdout.write(args.prompt)
-            complete(model, tokenizer, ids, args, generator)
-        print()
+        sample_all(model, tokenizer, texts, args, generator)
         return 0
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -117,3 +117,19 @@ def test_autocast_does_not_leak_between_streamed_tokens():
     next(stream)
     assert not torch.is_autocast_enabled(model.wte.weight.device.type)
     list(stream)
+
+
+def test_existing_call_sites_keep_working_positionally_and_by_keyword():
+    """model.generate / generate_stream keep their old positional order; the new settings are keyword-only."""
+    from gpt.generate import generate_stream
+    model = model_for(2)
+    idx = torch.randint(0, 50, (2, 3))
+    a = model.generate(idx, 6, 0.0, None, None, None, True, None)
+    b = model.generate(idx, 6, temperature=0, use_cache=False, dtype=torch.float32)
+    assert torch.equal(a, b) and a.shape == (2, 9)
+    steps = list(generate_stream(model, idx, 4, 0.0, None, None, None, True, None))
+    assert len(steps) == 4 and all(s.shape == (2, 1) for s in steps)
+    # Defaults are off: min-p 0, penalties neutral, no end-of-text token.
+    c = model.generate(idx, 6, temperature=0, min_p=0.0, repetition_penalty=1.0, frequency_penalty=0.0,
+                       presence_penalty=0.0, eot_id=None)
+    assert torch.equal(a, c)
