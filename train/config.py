@@ -10,6 +10,8 @@ from gpt.config import PRESETS, GPTConfig, preset_config
 from gpt.errors import ConfigError
 from gpt.ops import KERNEL_MODES
 
+from .loggers import chosen as chosen_loggers
+
 OPTIMIZERS = ("adamw", "muon")
 PARALLEL_MODES = ("auto", "ddp", "fsdp")  # see train/distributed.py
 
@@ -58,6 +60,9 @@ class TrainConfig:
     out_dir: str = "out"               # ckpt.pt (last), ckpt_best.pt (best val), metrics.jsonl, loss.png
     resume: bool = False               # continue exactly from out_dir/ckpt.pt
     progress: bool = True              # tqdm bar on stderr (only on a terminal)
+    log: str = "none"                  # none | tensorboard | wandb | tensorboard,wandb: also send metrics there (rank 0)
+    wandb_project: str = "tritongpt"   # W&B project (log = "wandb")
+    wandb_run_name: str | None = None  # W&B run name (default: out_dir's name)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +91,9 @@ class TrainConfig:
             raise ConfigError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ConfigError(f"time_budget is in minutes and must be positive, got {self.time_budget}")
+        trackers = chosen_loggers(self.log)  # an unknown name: a ConfigError naming the valid ones
+        if "wandb" in trackers and not str(self.wandb_project).strip():
+            raise ConfigError("log wandb needs a --wandb-project name")
 
 
 # Defaults per model preset, chosen for the hardware each preset targets (tiny: a laptop CPU).

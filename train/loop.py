@@ -40,6 +40,7 @@ from .consolidate import consolidate
 from .data import PreparedData, prepare_dataset
 from .distributed import clip_grad_norm, grad_sync, init_distributed, parallelize
 from .errors import TrainingError
+from .loggers import open_loggers, require as require_loggers
 from .optim import make_optimizer
 
 # Model fields that may differ between a checkpoint and the run resuming it (they change how, not what).
@@ -156,6 +157,8 @@ class Trainer:
             raise ConfigError("--parallel fsdp with --dtype float16: loss scaling does not cover sharded "
                               "gradients here; use --dtype bfloat16 (or --parallel ddp)")
         ops.resolve(cfg.kernels, self.device)  # 'triton' where it cannot run: a clear error before any data work
+        if world.main:
+            require_loggers(cfg)  # --log tensorboard/wandb without the package: a clear error before any data work
         self.out = Path(cfg.out_dir)
         self.ckpt_path = self.out / "ckpt.pt"
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -337,6 +340,7 @@ class Trainer:
         with contextlib.ExitStack() as stack:
             self._metrics = stack.enter_context(open(self.out / "metrics.jsonl", "a")) if world.main else None
             self._bar = stack.enter_context(_progress(cfg, st.iter)) if world.main else None
+            self._loggers = stack.enter_context(open_loggers(cfg, self.out, world, start_iter=st.iter))  # --log
             stack.enter_context(self._stop_on_signals())
             try:
                 stop_reason = self._run_steps(clock, stop_at)
@@ -467,6 +471,7 @@ class Trainer:
         if self._metrics is not None:  # rank 0
             self._metrics.write(json.dumps(rec) + "\n")
             self._metrics.flush()
+            self._loggers.log(rec, step=rec["iter"])  # TensorBoard / W&B (--log)
 
     def _log(self, msg: str) -> None:
         if self.world.main:
