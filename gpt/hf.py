@@ -307,6 +307,14 @@ def load_hf(folder: str | Path, device: torch.device | str = "cpu", kernels: str
     """(model in eval mode on `device` with float32 weights, tokenizer) from a local Hugging Face Llama
     folder. block_size: the longest context to allocate RoPE tables for (default: the folder's
     max_position_embeddings, or the exported model's own block size)."""
+    config, state_dict, tokenizer = read_hf(folder, block_size)
+    model = GPT(config, kernels=kernels)
+    model.load_state_dict(state_dict)
+    return model.to(device).eval(), tokenizer
+
+
+def read_hf(folder: str | Path, block_size: int | None = None) -> tuple[GPTConfig, dict, Tokenizer]:
+    """(GPTConfig, our state dict in float32, tokenizer) of a local Hugging Face Llama folder, checked."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a directory; pass a Hugging Face model folder "
@@ -323,6 +331,4 @@ def load_hf(folder: str | Path, device: torch.device | str = "cpu", kernels: str
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{config.vocab_size} embedding rows")
-    model = GPT(config, kernels=kernels)
-    model.load_state_dict(from_hf_state_dict(_read_weights(folder), config))
-    return model.to(device).eval(), tokenizer
+    return config, from_hf_state_dict(_read_weights(folder), config), tokenizer

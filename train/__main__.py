@@ -32,6 +32,8 @@ HELP = {
     "parallel": "under torchrun: ddp (replicate, average gradients) | fsdp (shard parameters, gradients, "
                 "optimizer state); auto: ddp when there are several ranks",
     "batch_size": "sequences per micro-batch, per rank under torchrun",
+    "init_from": "a Hugging Face Llama folder (python -m gpt.export, or save_pretrained): start from its weights "
+                 "and tokenizer; the architecture comes from it (only --dropout and --block-size may change)",
     "log": "also send metrics.jsonl's records to none | tensorboard (OUT_DIR/tensorboard) | wandb, or both: "
            "tensorboard,wandb (rank 0; needs the package: pip install tensorboard / wandb)",
     "wandb_project": "W&B project (with --log wandb)",

@@ -59,6 +59,7 @@ class TrainConfig:
     log_interval: int = 10             # steps between log lines
     out_dir: str = "out"               # ckpt.pt (last), ckpt_best.pt (best val), metrics.jsonl, loss.png
     resume: bool = False               # continue exactly from out_dir/ckpt.pt
+    init_from: str | None = None       # a Hugging Face Llama folder: start from its weights and tokenizer
     progress: bool = True              # tqdm bar on stderr (only on a terminal)
     log: str = "none"                  # none | tensorboard | wandb | tensorboard,wandb: also send metrics there (rank 0)
     wandb_project: str = "tritongpt"   # W&B project (log = "wandb")

@@ -14,6 +14,7 @@ writes files, except FSDP's sharded checkpoints, which every rank writes its par
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -30,8 +31,10 @@ from matplotlib.figure import Figure
 from gpt import GPT, GPTConfig, ops
 from gpt.checkpoint import SHARDED_DIR, model_config_of, read_checkpoint
 from gpt.errors import CheckpointError, ConfigError
+from gpt.hf import read_hf
 from gpt.runtime import autocast, dtype_name, peak_flops, resolve_dtype
 from gpt.optional import import_optional
+from gpt.tokenizer import Tokenizer
 
 from .checkpoint import (load_sharded, read_meta, rng_state, save_checkpoint, save_sharded, set_rng_state,
                          sharded_checkpoint)
@@ -58,11 +61,29 @@ def lr_at(cfg: TrainConfig, it: int, progress: float) -> float:
     return cfg.lr * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def open_data(cfg: TrainConfig) -> PreparedData:
-    """The run's dataset, tokenized and cached under cfg.data_dir (built on first use)."""
+def open_data(cfg: TrainConfig, tokenizer: Tokenizer | None = None) -> PreparedData:
+    """The run's dataset, tokenized and cached under cfg.data_dir (built on first use); with the given
+    tokenizer (a model imported with --init-from brings its own) instead of cfg.tokenizer."""
     return prepare_dataset(None if cfg.hf_dataset else cfg.dataset, cfg.tokenizer, cfg.data_dir,
-                           vocab_size=cfg.vocab_size, hf_dataset=cfg.hf_dataset, hf_config=cfg.hf_config,
-                           hf_split=cfg.hf_split, text_field=cfg.text_field)
+                           vocab_size=None if tokenizer else cfg.vocab_size, hf_dataset=cfg.hf_dataset,
+                           hf_config=cfg.hf_config, hf_split=cfg.hf_split, text_field=cfg.text_field,
+                           prebuilt=tokenizer)
+
+
+# Model fields a run may still set with --init-from: the architecture comes from the folder.
+INIT_FROM_OVERRIDES = {"dropout", "block_size"}
+
+
+def read_init_from(cfg: TrainConfig) -> tuple[GPTConfig, dict, Tokenizer]:
+    """--init-from: the folder's model config (with the allowed overrides), weights and tokenizer."""
+    fixed = sorted(set(cfg.model) - INIT_FROM_OVERRIDES)
+    if fixed:
+        raise ConfigError(f"--init-from {cfg.init_from}: the architecture comes from the folder, so {', '.join(fixed)} "
+                          f"cannot be set; only {', '.join(sorted(INIT_FROM_OVERRIDES))} can")
+    config, state_dict, tokenizer = read_hf(cfg.init_from, cfg.model.get("block_size"))
+    if "dropout" in cfg.model:
+        config = dataclasses.replace(config, dropout=cfg.model["dropout"])
+    return config, state_dict, tokenizer
 
 
 @dataclass
@@ -167,18 +188,24 @@ class Trainer:
 
         # Rank 0 tokenizes and caches the dataset first, then the first rank of every other node (in
         # case its data_dir is not shared), then the rest read the cache: never two builders of one file.
+        init = read_init_from(cfg) if cfg.init_from else None
         my_turn = 0 if world.main else 1 if world.local_rank == 0 else 2
         for turn in range(3 if world.size > 1 else 1):
             if turn == my_turn:
                 with contextlib.redirect_stderr(io.StringIO()) if not world.main else contextlib.nullcontext():
-                    self.data = open_data(cfg)
+                    self.data = open_data(cfg, init[2] if init else None)
             world.barrier()
         self.tokenizer = self.data.tokenizer
-        self.model_config = cfg.model_config(self.tokenizer.vocab_size)
+        self.model_config = init[0] if init else cfg.model_config(self.tokenizer.vocab_size)
         self.data.check_block_size(self.model_config.block_size)
 
-        self.model = GPT(self.model_config, kernels=cfg.kernels,
-                         gradient_checkpointing=cfg.gradient_checkpointing).to(self.device)
+        self.model = GPT(self.model_config, kernels=cfg.kernels, gradient_checkpointing=cfg.gradient_checkpointing)
+        if init and resume_state is None:  # a resumed run takes its weights from the checkpoint
+            self.model.load_state_dict(init[1])
+            self._log(f"initialized from {cfg.init_from}: {self.model.num_params():,} params, "
+                      f"{self.tokenizer.kind} tokenizer ({self.tokenizer.vocab_size} tokens) from the folder")
+        del init
+        self.model.to(self.device)
         self.step_model = parallelize(self.model, world, self.device, self.dtype, cfg.compile)
         if world.size > 1:
             torch.manual_seed(cfg.seed + world.rank)  # dropout: a different stream on every rank

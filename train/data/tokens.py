@@ -2,6 +2,7 @@
 or uint32) and ``meta.json``, reused while the source and tokenizer stay the same."""
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -170,6 +171,7 @@ def prepare_dataset(
     text_field: str = "text",
     hf_cache_dir: str | os.PathLike | None = None,
     val_fraction: float = VAL_FRACTION,
+    prebuilt: Tokenizer | None = None,
 ) -> PreparedData:
     """Tokenize a dataset into ``data_dir`` once (see the ``train.data`` docstring) and open it.
 
@@ -178,7 +180,11 @@ def prepare_dataset(
     ``vocab_size`` tokens, default 8192) or ``gpt2``. ``hf_*``/``text_field``: a Hugging Face
     dataset instead of ``data`` (``hf_dataset`` may also be a local .txt/.jsonl/.csv/.parquet
     file or a directory; ``hf_data_files`` is passed to ``load_dataset`` as ``data_files``).
+    ``prebuilt``: tokenize with this tokenizer instead of building one (a model imported with
+    ``--init-from`` brings its own); ``tokenizer`` and ``vocab_size`` are then ignored.
     """
+    if prebuilt is not None:
+        tokenizer, vocab_size = prebuilt.kind, None
     if tokenizer not in KINDS:
         raise DataError(f"unknown tokenizer {tokenizer!r}: choose one of {', '.join(KINDS)}")
     if vocab_size is not None and tokenizer != "bpe":
@@ -200,13 +206,17 @@ def prepare_dataset(
         source = _files_source(data, val_fraction)
 
     tok_key = f"bpe-{vocab_size}" if tokenizer == "bpe" else tokenizer
-    out = data_dir / source.key / tok_key
     wanted = {"format": FORMAT_VERSION, "fingerprint": source.fingerprint, "tokenizer_kind": tokenizer,
               "bpe_vocab_size": vocab_size, "val_fraction": val_fraction}
+    if prebuilt is not None:  # keyed by the tokenizer itself
+        described = json.dumps(prebuilt.to_dict(), sort_keys=True).encode()
+        wanted["tokenizer_sha256"] = hashlib.sha256(described).hexdigest()
+        tok_key = f"given-{prebuilt.kind}-{wanted['tokenizer_sha256'][:12]}"
+    out = data_dir / source.key / tok_key
     meta = _read_meta(out / "meta.json")
     if meta is not None and all(meta.get(k) == v for k, v in wanted.items()) and _bins_ok(out, meta):
         return _open(source.key, out, meta, from_cache=True)
-    return _build(source, tokenizer, vocab_size, out, wanted)
+    return _build(source, tokenizer, vocab_size, out, wanted, prebuilt)
 
 
 def _read_meta(path: Path) -> dict | None:
@@ -236,10 +246,13 @@ def _open(name: str, out: Path, meta: dict, from_cache: bool) -> PreparedData:
     )
 
 
-def _build(source: _Source, kind: str, vocab_size: int | None, out: Path, wanted: dict) -> PreparedData:
+def _build(source: _Source, kind: str, vocab_size: int | None, out: Path, wanted: dict,
+           prebuilt: Tokenizer | None = None) -> PreparedData:
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    if kind == "char":
+    if prebuilt is not None:
+        tok = prebuilt
+    elif kind == "char":
         # The character set of the whole corpus, so the val split never holds an unknown character,
         # and the newline that separates documents.
         tok = build_tokenizer("char", _chain(source.train(), source.val(), ["\n"]))
@@ -264,7 +277,13 @@ def _build(source: _Source, kind: str, vocab_size: int | None, out: Path, wanted
                 chars += len(d)
                 yield d
 
-        tokens = _write_tokens(out / f"{split}.bin", _token_arrays(tok, counted()), dtype)
+        try:
+            tokens = _write_tokens(out / f"{split}.bin", _token_arrays(tok, counted()), dtype)
+        except ValueError as e:  # only a given char tokenizer can meet text it cannot encode
+            if prebuilt is None:
+                raise
+            raise DataError(f"{source.description}: the model's own tokenizer cannot encode this text ({e}); "
+                            f"train on text written in the characters it knows") from None
         counts[f"{split}_tokens"], counts[f"{split}_chars"] = tokens, chars
     meta = {
         **wanted,
