@@ -76,11 +76,13 @@ INIT_FROM_OVERRIDES = {"dropout", "block_size"}
 
 def read_init_from(cfg: TrainConfig) -> tuple[GPTConfig, dict, Tokenizer]:
     """--init-from: the folder's model config (with the allowed overrides), weights and tokenizer."""
-    fixed = sorted(set(cfg.model) - INIT_FROM_OVERRIDES)
-    if fixed:
-        raise ConfigError(f"--init-from {cfg.init_from}: the architecture comes from the folder, so {', '.join(fixed)} "
-                          f"cannot be set; only {', '.join(sorted(INIT_FROM_OVERRIDES))} can")
     config, state_dict, tokenizer = read_hf(cfg.init_from, cfg.model.get("block_size"))
+    differ = [f"{k}={v!r} (the folder's: {getattr(config, k)!r})" for k, v in sorted(cfg.model.items())
+              if k not in INIT_FROM_OVERRIDES and getattr(config, k) != v]
+    if differ:
+        raise ConfigError(f"--init-from {cfg.init_from}: the architecture comes from the folder, so "
+                          f"{'; '.join(differ)} cannot be set; drop those (only {', '.join(sorted(INIT_FROM_OVERRIDES))} "
+                          f"may change)")
     if "dropout" in cfg.model:
         config = dataclasses.replace(config, dropout=cfg.model["dropout"])
     return config, state_dict, tokenizer

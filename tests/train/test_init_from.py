@@ -52,7 +52,8 @@ def test_init_from_on_the_command_line_and_resume(exported):
     root, _ = exported
     args = [sys.executable, "-m", "train", "--init-from", str(root / "hf"), "--dataset", str(root / "corpus.txt"),
             "--data-dir", str(root / "data"), "--out-dir", str(root / "cli"), "--max-iters", "4", "--eval-interval",
-            "2", "--eval-iters", "1", "--batch-size", "4", "--device", "cpu", "--dropout", "0.1", "--no-progress"]
+            "2", "--eval-iters", "1", "--batch-size", "4", "--device", "cpu", "--dropout", "0.1", "--no-progress",
+            "--n-layer", "2"]  # the folder's own value: allowed
     first = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "initialized from" in first.stdout
@@ -66,7 +67,7 @@ def test_init_from_on_the_command_line_and_resume(exported):
 
 def test_init_from_refuses_architecture_flags_and_missing_folders(exported, tmp_path):
     root, _ = exported
-    with pytest.raises(ConfigError, match="n_layer cannot be set"):
-        Trainer(TrainConfig(**config(root, "c", init_from=str(root / "hf"), model={"n_layer": 3})))
+    with pytest.raises(ConfigError, match=r"n_layer=3 \(the folder's: 2\) cannot be set"):
+        Trainer(TrainConfig(**config(root, "c", init_from=str(root / "hf"), model={"n_layer": 3, "n_embd": 32})))
     with pytest.raises(CheckpointError, match="is not a directory"):
         Trainer(TrainConfig(**config(root, "c", init_from=str(tmp_path / "nothing"))))
