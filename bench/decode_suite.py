@@ -4,7 +4,8 @@ Generation is gpt.generate.generate_stream, greedy (temperature 0: no sampling n
 16-token prompt. CPU: fp32 weights with autocast to the device's default dtype (the product path,
 `model.generate(dtype=...)`). CUDA: weights cast to bf16 (how a model is served), and the
 memory-bandwidth utilization of a cached decode step: (weights + KV cache read per step) / per-token
-latency / measured copy bandwidth.
+latency / measured copy bandwidth. Each preset also gets batch-1 KV-cache rows of the same model with
+int8 weight-only linear layers (gpt/quantize.py; kernels column `<mode>+int8`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from gpt import create_model
 from gpt.config import PRESETS
 from gpt.generate import generate_stream
+from gpt.quantize import Int8Linear, quantize_int8, weight_nbytes
 from gpt.runtime import dtype_name, resolve_dtype
 
 from . import roofline
@@ -58,8 +60,10 @@ def _token_times(model, idx: torch.Tensor, new_tokens: int, use_cache: bool, dty
 def _bandwidth(model, batch: int, context: int, seconds_per_step: float, ctx: RunContext) -> dict:
     c = model.config
     itemsize = next(model.parameters()).element_size()
-    nbytes = roofline.decode_step_bytes(model.num_params(), itemsize, c.n_layer, batch, c.n_kv_head, context,
-                                        c.head_dim, itemsize)
+    weights = model.num_params() * itemsize
+    if any(isinstance(m, Int8Linear) for m in model.modules()):   # int8 linears (and head); one embedding row
+        weights = weight_nbytes(model) - model.wte.weight.nbytes
+    nbytes = roofline.decode_step_bytes(weights, 1, c.n_layer, batch, c.n_kv_head, context, c.head_dim, itemsize)
     gbps = nbytes / seconds_per_step / 1e9
     return {"bytes_per_step": nbytes, "gbps": gbps, "pct_copy_bw": 100 * gbps / ctx.calibration["copy_gbps"]}
 
@@ -87,6 +91,19 @@ def generation(preset: str, model, dtype, ctx: RunContext, new_tokens: int, batc
             if ctx.device.type == "cuda" and use_cache:
                 rec.update(_bandwidth(model, batch, PROMPT_LEN + new_tokens // 2, rec["per_token_ms"] / 1e3, ctx))
             records.append(rec)
+    return records
+
+
+def _int8_generation(preset: str, model, dtype, ctx: RunContext, new_tokens: int, kernels: str) -> list[dict]:
+    """Batch-1 cached generation of the same weights as int8 linear layers (quantized in place: the float
+    rows are measured first); a failure is a note and leaves the float rows."""
+    try:
+        records = generation(preset, quantize_int8(model), dtype, ctx, new_tokens, batches=(1,), no_cache=False)
+    except Exception as e:
+        ctx.note(f"decode {preset} kernels={kernels} int8 skipped: {type(e).__name__}: {str(e).strip()[:200]}")
+        return []
+    for r in records:
+        r["quantize"] = "int8"
     return records
 
 
@@ -134,6 +151,7 @@ def run(ctx: RunContext) -> list[dict]:
                 # The context sweep on the largest preset run (it is the one where context matters most).
                 if preset == presets[-1]:
                     recs += context_sweep(preset, model, dtype, ctx)
+                recs += _int8_generation(preset, model, dtype, ctx, new_tokens, kernels)
             except Exception as e:  # out of memory, or a kernel being written: note it, run the other presets
                 if ctx.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -141,7 +159,7 @@ def run(ctx: RunContext) -> list[dict]:
                 continue
             for r in recs:
                 r["precision"] = precision
-                r["kernels"] = kernels
+                r["kernels"] = kernels + ("+int8" if r.get("quantize") else "")
             records += recs
     return records
 

@@ -4,6 +4,7 @@ from .hf import export_hf, load_hf
 from .config import PRESETS, GPTConfig, preset_config
 from .model import GPT, create_model
 from .ops import KERNEL_MODES
+from .quantize import quantize_int8
 
 __all__ = ["GPT", "GPTConfig", "KERNEL_MODES", "PRESETS", "create_model", "export_hf", "load_hf", "load_model",
-           "preset_config"]
+           "preset_config", "quantize_int8"]

@@ -113,6 +113,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = gradient_checkpointing
+        self.quantized_param_counts: tuple[int, int] | None = None  # set by gpt.quantize.quantize_int8
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
@@ -192,7 +193,10 @@ class GPT(nn.Module):
 
     # -- accounting ---------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, a tied matrix counted once; non_embedding drops the token embedding."""
+        """Parameters, a tied matrix counted once; non_embedding drops the token embedding. After
+        gpt.quantize.quantize_int8 (whose int8 weights are buffers): the counts from before it."""
+        if self.quantized_param_counts is not None:
+            return self.quantized_param_counts[bool(non_embedding)]
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.wte.weight.numel()

@@ -16,6 +16,7 @@ from .checkpoint import load_model
 from .errors import USER_ERRORS, ConfigError
 from .generate import Completion, check_sampling_value, generate_completions
 from .ops import KERNEL_MODES
+from .quantize import quantize_int8, weight_nbytes
 from .runtime import dtype_name, resolve_device, resolve_dtype
 
 INTERACTIVE_HELP = """commands:
@@ -294,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per prompt, generated together in one batch")
     p.add_argument("--no-cache", action="store_true", help="recompute the context each step (slow; for checking)")
     p.add_argument("--interactive", action="store_true", help="a prompt loop; /help lists commands")
+    p.add_argument("--quantize", default="none", choices=("none", "int8"),
+                   help="int8: weight-only int8 linear layers with per-channel scales (half the bytes of bf16; "
+                        "gpt/quantize.py)")
     return p
 
 
@@ -331,6 +335,11 @@ def main(argv=None) -> int:
         print(f"loaded {args.ckpt}: {model.num_params():,} params, {tokenizer.kind} tokenizer, "
               f"{device} {dtype_name(args.compute_dtype)}, kernels {args.kernels} -> {kernels_used}",
               file=sys.stderr)
+        if args.quantize == "int8":
+            before = weight_nbytes(model)
+            quantize_int8(model)
+            print(f"quantized the linear layers to int8: weights {before / 1e6:.2f} MB "
+                  f"({dtype_name(args.compute_dtype)}) -> {weight_nbytes(model) / 1e6:.2f} MB", file=sys.stderr)
         if args.interactive:
             interactive(model, tokenizer, args, generator)
             return 0
