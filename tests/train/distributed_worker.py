@@ -7,6 +7,7 @@ SPEC: {"results": path, "scenarios": [{"name", "cfg": TrainConfig fields, "stop_
 the results file after each one, so a scenario that ends the job (raise_at) comes last.
 - signal_at k: rank 1 sends itself SIGTERM during step k (only rank 1 is signalled);
 - raise_at k: rank 1 raises during step k;
+- budget_at k: rank 1's clock says the time budget is spent from step k on (rank 0's never does);
 - nan_at k: rank 1 sets a weight to NaN before step k (its loss, then everyone's gradients, go NaN);
 - replicas: whether every rank ends with bit-identical weights (DDP);
 - logits: the trained model's logits on fixed tokens (an FSDP forward on every rank) are saved;
@@ -25,7 +26,7 @@ import torch.distributed as dist
 
 from train.config import TrainConfig
 from train.errors import TrainingError
-from train.loop import Trainer
+from train.loop import Trainer, _Clock
 
 WRITE_EVENTS = {"os.rename", "os.replace", "os.remove", "os.unlink", "os.mkdir", "os.rmdir", "shutil.rmtree",
                 "tempfile.mkstemp", "os.truncate"}
@@ -69,6 +70,9 @@ def run(spec: dict) -> None:
             return step()
 
         trainer._step = patched_step
+        real_out_of_time = _Clock.out_of_time
+        if rank == 1 and sc.get("budget_at"):
+            _Clock.out_of_time = lambda clock: k["n"] >= sc["budget_at"]
         audited.clear()
         if sc.get("audit") and rank == 1:
             audit_root[:] = [os.path.abspath(cfg.out_dir)]
@@ -81,6 +85,9 @@ def run(spec: dict) -> None:
             outcome = f"TrainingError at {trainer.state.iter}"
         finally:
             audit_root.clear()
+            _Clock.out_of_time = real_out_of_time
+        if outcome == "done" and "stop_reason" in out:
+            outcome = f"{out['stop_reason']} at {out['iters']}"
         out["outcomes"] = [None] * dist.get_world_size()
         dist.all_gather_object(out["outcomes"], outcome)  # what every rank did
         if sc.get("logits"):

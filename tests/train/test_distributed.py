@@ -80,11 +80,12 @@ SCENARIOS = [
     dict(name="fsdp_compiled", parallel="fsdp", compile=True, gradient_checkpointing=True),
     dict(name="signal", parallel="ddp", signal_at=2),
     dict(name="nan", parallel="ddp", eval_interval=1, nan_at=2),
+    dict(name="budget", parallel="ddp", budget_at=3),
     dict(name="raise", parallel="ddp", eval_interval=2, raise_at=3),  # last: it ends the job
 ]
 
 
-WORKER_KEYS = ("stop_at", "signal_at", "raise_at", "nan_at", "logits", "audit", "replicas")
+WORKER_KEYS = ("stop_at", "signal_at", "raise_at", "nan_at", "budget_at", "logits", "audit", "replicas")
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +209,11 @@ def test_only_rank_0_writes_files(job):
 def test_a_signal_on_one_rank_stops_both_at_the_same_step(root, job):
     assert job[1]["signal"]["outcomes"] == ["interrupted at 2"] * 2
     assert read_checkpoint(root / "signal" / "ckpt.pt")["iter"] == 2
+
+
+def test_one_rank_out_of_time_ends_the_run_on_both_at_the_same_step(root, job):
+    assert job[1]["budget"]["outcomes"] == ["time budget at 3"] * 2
+    assert read_checkpoint(root / "budget" / "ckpt.pt")["iter"] == 3  # the final eval and save ran on both
 
 
 def test_a_nan_on_one_rank_stops_both_and_keeps_the_last_good_checkpoint(root, job):
