@@ -2,8 +2,9 @@
 
 The public ops are the names in `OPS`: `kernels.rms_norm(x, weight, eps, residual=None)`,
 `kernels.rope(x, cos, sin)` and `kernels.rope_qk(q, k, cos, sin)`, `kernels.swiglu(gate, up)` and
-`kernels.swiglu_packed(gate_up)`, `kernels.attention(q, k, v, causal, scale)` and
-`kernels.attention_with_lse(...)`; `kernels.reference.<op>` has the same signature. They live in private
+`kernels.swiglu_packed(gate_up)`, `kernels.attention(q, k, v, causal, scale)`,
+`kernels.attention_with_lse(...)` and `kernels.decode_attention(q, k, v, kv_len, scale)` (a static KV cache
+masked by per-row lengths, inference only); `kernels.reference.<op>` has the same signature. They live in private
 modules (`kernels._rms_norm`, ...), so a public name is always the function, never a submodule, and are
 imported on first use: `import kernels` and `kernels.reference` work without Triton.
 """
@@ -22,6 +23,7 @@ _MODULE_OF = {
     "swiglu_packed": "_swiglu",
     "attention": "_attention",
     "attention_with_lse": "_attention",
+    "decode_attention": "_attention",
 }
 OPS = tuple(_MODULE_OF)
 # The modules holding @triton.jit kernels, in the order `python -m kernels.report` compiles them.

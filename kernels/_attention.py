@@ -3,7 +3,8 @@
 Layers (as every kernel module, docs/architecture.md): `@triton.jit` kernels -> launchers (`attention_fwd`, `attention_bwd`: validate, allocate,
 pick the block config) -> `torch.library` custom ops `tritongpt::attention_fwd` / `attention_bwd` with fake
 and autograd registrations (so `torch.compile(fullgraph=True)` traces through them) -> `attention` and
-`attention_with_lse`.
+`attention_with_lse`. `decode_attention` (op `tritongpt::decode_attention`, inference only) runs the split-KV
+decode kernel over a preallocated cache with per-row lengths read on the device (CUDA-graph capturable).
 
 Shapes: q (B, H, Tq, D), k/v (B, Hkv, Tk, D), H % Hkv == 0; query head h reads K/V head h // (H // Hkv).
 Causal masking is end-aligned: query i sees keys j <= Tk - Tq + i (KV-cache prefill and decode).
@@ -177,23 +178,27 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_decode_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, KV_LEN,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_os, stride_ob, stride_oh, stride_ot, stride_ls, stride_lb, stride_lh,
     Hkv, GROUP, Tq, Tk, keys_per_split, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, HAS_KV_LEN: tl.constexpr,
 ):
     """Split-KV (flash-decoding) forward for few queries: one program per (key split, batch*kv head).
 
     The rows of the program are the GROUP query heads x Tq positions that share the KV head (row r is
     position r // GROUP of head hkv*GROUP + r % GROUP), so each K/V byte is read once per group. Writes the
     split's normalized output and its log-sum-exp; `_attn_combine_kernel` merges the splits.
+    HAS_KV_LEN: K/V are a cache of Tk slots of which batch row b uses the first KV_LEN[b] (clamped to
+    [0, Tk]), read here on the device; a split wholly past it reads nothing (output 0, lse -inf).
     """
     pid_s = tl.program_id(0)
     pid_bkv = tl.program_id(1)
     b = (pid_bkv // Hkv).to(tl.int64)
     hkv = (pid_bkv % Hkv).to(tl.int64)
+    if HAS_KV_LEN:
+        Tk = tl.minimum(tl.maximum(tl.load(KV_LEN + b), 0), Tk).to(tl.int32)
     qk_scale = tl.cast(qk_scale, tl.float32)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
@@ -586,6 +591,25 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          f"use kernels='torch' for this model")
 
 
+def _validate_kv_len(q: torch.Tensor, k: torch.Tensor, kv_len: torch.Tensor) -> None:
+    """decode_attention's extra checks (after `_validate`): few queries, kv_len (B,) int32/int64 on q's device.
+    Its values are never read on the host (that would sync and break CUDA-graph capture)."""
+    B, H, Tq = q.shape[:3]
+    group = H // k.shape[1]
+    if not 1 <= Tq <= DECODE_MAX_TQ or group * Tq > DECODE_MAX_ROWS:
+        raise ValueError(f"decode_attention: takes 1..{DECODE_MAX_TQ} queries and at most {DECODE_MAX_ROWS} "
+                         f"(H // Hkv) * Tq rows per KV head, got Tq = {Tq}, H // Hkv = {group}; use attention")
+    if not isinstance(kv_len, torch.Tensor):
+        raise TypeError(f"decode_attention: kv_len must be a torch.Tensor of shape ({B},), got {type(kv_len).__name__}")
+    if kv_len.shape != (B,):
+        raise ValueError(f"decode_attention: kv_len must have shape (B,) = ({B},) (valid keys per batch row), "
+                         f"got {tuple(kv_len.shape)}")
+    if kv_len.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"decode_attention: kv_len must be int32 or int64, got {dtype_name(kv_len.dtype)}")
+    if kv_len.device != q.device:
+        raise ValueError(f"decode_attention: kv_len must be on q's device {q.device}, got {kv_len.device}")
+
+
 def _resolve_scale(scale, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
@@ -607,7 +631,8 @@ def _new_out_lse(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
-                  *, config: Config | None = None, split_kv: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  *, config: Config | None = None, split_kv: int | None = None,
+                  kv_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher. q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> out (B, H, Tq, D), lse2 (B, H, Tq) fp32, the
     base-2 log-sum-exp of the scaled scores (natural log-sum-exp / ln 2).
 
@@ -615,8 +640,13 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     else the FlashAttention-2 forward); 0 forces the FlashAttention-2 forward; n >= 1 forces the decode kernel
     with (at most) n key splits. config overrides the block config of the chosen kernel (tests); for the
     decode kernel its block_m must hold the (H // Hkv) * Tq packed rows.
+    kv_len: (B,) int32/int64 on q's device (`decode_attention`): k/v are a cache of Tk slots of which row b
+    uses the first kv_len[b]. Takes the decode kernel, which reads kv_len on the device: the grid and the
+    splits depend on the shapes only (CUDA-graph capturable).
     """
     _validate(q, k, v)
+    if kv_len is not None:
+        _validate_kv_len(q, k, kv_len)
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     group = H // Hkv
@@ -628,8 +658,10 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     block_d = _block_d(D)
     common = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=bool(causal), UPCAST=_upcast(q.dtype))
     if split_kv is None:
-        split_kv = -1 if Tq <= DECODE_MAX_TQ and group * Tq <= DECODE_MAX_ROWS else 0
+        split_kv = -1 if kv_len is not None or (Tq <= DECODE_MAX_TQ and group * Tq <= DECODE_MAX_ROWS) else 0
     if split_kv == 0:
+        if kv_len is not None:
+            raise ValueError("attention_fwd: kv_len takes the split-KV decode kernel; split_kv=0 is not supported")
         cfg = config or FWD_CONFIGS[block_d]
         grid = (triton.cdiv(Tq, cfg.block_m), B * H)
         _attn_fwd_kernel[grid](
@@ -657,10 +689,11 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         lse_part = torch.empty((n_splits, B, H, Tq), dtype=torch.float32, device=q.device)
         o_strides = o_part.stride()[:4]
     _attn_decode_kernel[(n_splits, B * Hkv)](
-        q, k, v, o_part, lse_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *o_strides, B * H * Tq, H * Tq, Tq,
+        q, k, v, o_part, lse_part, None if kv_len is None else kv_len.contiguous(), *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *o_strides, B * H * Tq, H * Tq, Tq,
         Hkv, group, Tq, Tk, keys_per_split, scale * LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_KV_LEN=kv_len is not None, **common)
     if n_splits > 1:
         n_rows = B * H * Tq
         _attn_combine_kernel[(triton.cdiv(n_rows, _COMBINE_BLOCK_R),)](
@@ -768,6 +801,18 @@ def _backward(ctx, dout, dlse):
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Inference only: no autograd registration (a backward through it raises PyTorch's "no autograd" error).
+@torch.library.custom_op("tritongpt::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    return attention_fwd(q, k, v, True, scale, kv_len=kv_len)[0]
+
+
+@_decode_attention_op.register_fake
+def _(q, k, v, kv_len, scale):
+    return _new_out_lse(q)[0]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------
@@ -795,6 +840,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     return _attention_op(q, k, v, causal, scale)[0]
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Causal attention of a few new queries over a preallocated (static) KV cache, masked by length.
+
+    q (B, H, Tq, D) with 1 <= Tq <= DECODE_MAX_TQ and (H // Hkv) * Tq <= DECODE_MAX_ROWS; k/v (B, Hkv, L, D):
+    the whole cache of capacity L, any strides (e.g. views `cache_k[layer]`); kv_len (B,) int32/int64 on q's
+    device: the valid keys of each batch row. Query i of row b sits at position kv_len[b] - Tq + i and sees
+    keys j <= that position (`attention(causal=True)` with Tk = kv_len[b]); keys at j >= kv_len[b] are never
+    read, so they may hold anything. A query that sees no key (kv_len[b] = 0) gives 0. kv_len is read on the
+    device only (values outside [0, L] are clamped there): the launch depends on the shapes alone, so it can
+    be captured in a CUDA graph, and `torch.compile(fullgraph=True)` sees one opaque op. Returns
+    (B, H, Tq, D) in q's dtype. Inference only (not differentiable).
+    """
+    _validate(q, k, v)
+    _validate_kv_len(q, k, kv_len)
+    return _decode_attention_op(q, k, v, kv_len, _resolve_scale(scale, q.shape[-1]))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Compile report (python -m kernels.report)
 # ----------------------------------------------------------------------------------------------------------
@@ -802,10 +865,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 def compile_specs(quick: bool = False) -> list[CompileSpec]:
     """Every kernel configuration the launchers can pick on a GPU.
 
-    Full: head_dim 16, 32, 64, 80, 96, 128; fp16 and bf16; causal and not; decode block_m 16/32/64. The tables
+    Full: head_dim 16, 32, 64, 80, 96, 128; fp16 and bf16; causal and not; decode block_m 16/32/64, and each
+    causal decode config again with a kv_len pointer (`decode_attention`), int32 and int64. The tables
     hold one config per head dim for all GPUs, so every spec is meant for (and compiled for) sm_80 and sm_90.
-    Quick: head_dim 64 and 128, causal; the tensor-core kernels in fp16 and bf16, decode block_m 16 and 64,
-    the row-wise kernels in bf16.
+    Quick: head_dim 64 and 128, causal; the tensor-core kernels in fp16 and bf16, decode block_m 16 and 64
+    (and 16 with kv_len: int32 at head_dim 64, int64 at 128), the row-wise kernels in bf16.
     """
     head_dims = (64, 128) if quick else (16, 32, 64, 80, 96, 128)
     specs = []
@@ -816,16 +880,23 @@ def compile_specs(quick: bool = False) -> list[CompileSpec]:
             flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_CAUSAL=causal, UPCAST=False)
             case = f"D={head_dim} {dt} {'causal' if causal else 'full'}"
 
-            def add(fn, cfg, pointers, floats):
-                constexprs = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+            def add(fn, cfg, pointers, floats, note="", **extra):
+                constexprs = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **extra)
                 specs.append(CompileSpec(fn.__name__, fn, signature(fn, pointers, floats, constexprs), constexprs,
                                          cfg.num_warps, cfg.num_stages,
-                                         f"{case} BM={cfg.block_m} BN={cfg.block_n}", expects_mma=True))
+                                         f"{case} BM={cfg.block_m} BN={cfg.block_n}{note}", expects_mma=True))
 
             io = {"Q": dt, "K": dt, "V": dt, "O": dt, "LSE": "fp32"}
             add(_attn_fwd_kernel, FWD_CONFIGS[block_d], io, ("qk_scale",))
             for block_m in () if quick and dtype != torch.bfloat16 else (16, 64) if quick else (16, 32, 64):
-                add(_attn_decode_kernel, DECODE_CONFIGS[block_d, block_m], io, ("qk_scale",))
+                cfg = DECODE_CONFIGS[block_d, block_m]
+                add(_attn_decode_kernel, cfg, io, ("qk_scale",), KV_LEN=None, HAS_KV_LEN=False)
+                kv_dts = ("i32", "i64")  # decode_attention's kv_len, always causal
+                if quick:
+                    kv_dts = (kv_dts[head_dim == 128],) if block_m == 16 else ()
+                for kv_dt in kv_dts if causal else ():
+                    add(_attn_decode_kernel, cfg, dict(io, KV_LEN=kv_dt), ("qk_scale",), f" kv_len {kv_dt}",
+                        HAS_KV_LEN=True)
             grads = {"Q": dt, "K": dt, "V": dt, "DO": dt, "LSE": "fp32", "DELTA": "fp32", "DQ": dt, "DK": dt, "DV": dt}
             add(_attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS[block_d], grads, ("sm_scale", "qk_scale"))
             add(_attn_bwd_dq_kernel, BWD_DQ_CONFIGS[block_d], grads, ("sm_scale", "qk_scale"))

@@ -93,6 +93,32 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, causal: bool = True, scale: 
     return torch.logsumexp(scores, dim=-1)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Causal GQA attention of q (B, H, Tq, D) over a preallocated cache k/v (B, Hkv, L, D) whose batch row b
+    holds kv_len[b] valid keys (kv_len (B,) integer, clamped to [0, L]): query i sees keys
+    j <= kv_len[b] - Tq + i, i.e. `attention(causal=True)` on the first kv_len[b] keys of row b. Keys past
+    kv_len[b] never reach the result (NaN or inf there are ignored); a query that sees no key gives 0.
+    Computed in fp32 (float64 stays float64), returned in q's dtype.
+    """
+    B, H, Tq, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"decode_attention: query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    ct = _compute_dtype(q.dtype)
+    n = kv_len.to(device=q.device, dtype=torch.long).clamp(0, L).view(B, 1, 1, 1)
+    j = torch.arange(L, device=q.device).view(1, 1, 1, L)
+    valid = (j < n).transpose(-2, -1)  # (B, 1, L, 1): the keys that exist; zero the rest so NaN cannot leak
+    k = torch.where(valid, k.to(ct), 0.0).repeat_interleave(H // Hkv, dim=1)
+    v = torch.where(valid, v.to(ct), 0.0).repeat_interleave(H // Hkv, dim=1)
+    visible = j <= n - Tq + torch.arange(Tq, device=q.device).view(1, 1, Tq, 1)  # (B, 1, Tq, L), implies j < n
+    scores = torch.matmul(q.to(ct), k.transpose(-2, -1)) * scale
+    p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # a query with no visible key: 0, not NaN
+    return torch.matmul(p, v).to(q.dtype)
+
+
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """(rope(q, cos, sin), rope(k, cos, sin)): RoPE of queries and keys, which may differ in head count."""
     return rope(q, cos, sin), rope(k, cos, sin)
