@@ -14,8 +14,10 @@ Sampling, one step: logits (B, V) -> processed logits -> one token per row. The 
    otherwise logits / temperature.
 4. filters, each setting logits to -inf: top-k (the k largest), top-p (the nucleus), min-p (tokens
    whose probability is below min_p * the largest probability).
-5. one draw from the softmax with the caller's `torch.Generator` (a CPU generator draws on the CPU, so
-   a seed gives the same tokens on any device).
+5. one draw from the softmax: argmax(probs / noise) with Exp(1) noise from the caller's
+   `torch.Generator` (`race`; a CPU generator draws on the CPU, so a seed gives the same tokens on any
+   device). Unlike torch.multinomial it never makes the host wait for the device, so the whole step,
+   sampling included, can run inside one compiled function (gpt/decode.py) and give the same tokens.
 
 Ending a row early: `eot_id` (a row ends when it samples that token) and stop strings (checked on the
 decoded text of each row; `generate_completions`). A finished row is dropped from the batch (its KV
@@ -80,6 +82,19 @@ class KVCache:
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def rope(self, cos: torch.Tensor, sin: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of the RoPE tables (block_size, D/2) for the next T positions."""
+        end = self.pos + T
+        if end > cos.shape[0]:
+            raise ValueError(f"sequence of {end} tokens exceeds block_size={cos.shape[0]}; "
+                             f"crop the input to the last {cos.shape[0]} tokens")
+        return cos[self.pos:end], sin[self.pos:end]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op) -> torch.Tensor:
+        """Store the new k, v of `layer`, then causal attention of q over every filled position."""
+        k, v = self.update(layer, k, v)
+        return op.attention(q, k, v, causal=True)
 
     def advance(self, T: int) -> None:
         self.pos += T
@@ -161,6 +176,30 @@ def token_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return counts.scatter_add_(1, ids, torch.ones(ids.shape, device=ids.device))
 
 
+def _repetition(logits: torch.Tensor, seen: torch.Tensor, penalty) -> torch.Tensor:
+    seen = seen if seen.dtype == torch.bool else seen > 0
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def _frequency_presence(logits: torch.Tensor, counts: torch.Tensor, frequency_penalty, presence_penalty):
+    return logits - frequency_penalty * counts - presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def _top_p(logits: torch.Tensor, p) -> torch.Tensor:
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # Drop a token when the tokens ranked above it already reach p; the top token is always kept.
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _min_p(logits: torch.Tensor, min_p) -> torch.Tensor:
+    probs = torch.softmax(logits, dim=-1)
+    keep = probs >= min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
     """CTRL's repetition penalty: where `seen` (B, V; bool, or counts > 0) marks a token, its logit is
     divided by `penalty` if positive and multiplied by it if negative. `seen` should cover the prompt and
@@ -168,9 +207,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, pe
     if seen is None or penalty == 1.0:
         return logits
     check_sampling_value("repetition_penalty", penalty)
-    seen = seen if seen.dtype == torch.bool else seen > 0
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
+    return _repetition(logits, seen, penalty)
 
 
 def apply_frequency_presence_penalty(logits: torch.Tensor, counts: torch.Tensor | None,
@@ -179,7 +216,7 @@ def apply_frequency_presence_penalty(logits: torch.Tensor, counts: torch.Tensor 
     (B, V) being how often each token was generated so far (the prompt does not count; `generate` does so)."""
     if counts is None or (frequency_penalty == 0.0 and presence_penalty == 0.0):
         return logits
-    return logits - frequency_penalty * counts - presence_penalty * (counts > 0).to(logits.dtype)
+    return _frequency_presence(logits, counts, frequency_penalty, presence_penalty)
 
 
 def apply_top_k(logits: torch.Tensor, k: int | None) -> torch.Tensor:
@@ -196,12 +233,7 @@ def apply_top_p(logits: torch.Tensor, p: float | None) -> torch.Tensor:
         return logits
     if p <= 0.0:
         raise ConfigError(f"top_p must be in (0, 1], got {p}")
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-    # Drop a token when the tokens ranked above it already reach p; the top token is always kept.
-    drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= p
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    return _top_p(logits, p)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:
@@ -210,9 +242,7 @@ def apply_min_p(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:
     if min_p is None or min_p <= 0.0:
         return logits
     check_sampling_value("min_p", min_p)
-    probs = torch.softmax(logits, dim=-1)
-    keep = probs >= min_p * probs.max(dim=-1, keepdim=True).values
-    return logits.masked_fill(~keep, float("-inf"))
+    return _min_p(logits, min_p)
 
 
 def process_logits(logits: torch.Tensor, sampling: SamplingConfig, seen: torch.Tensor | None = None,
@@ -225,11 +255,36 @@ def process_logits(logits: torch.Tensor, sampling: SamplingConfig, seen: torch.T
     return apply_frequency_presence_penalty(logits, counts, sampling.frequency_penalty, sampling.presence_penalty)
 
 
+# -- drawing a token without waiting for the device ----------------------------------------------
+def draw_exponential(shape: tuple[int, ...], generator: torch.Generator | None, device) -> torch.Tensor:
+    """Exp(1) noise (float32, `shape`) for `race`, drawn with `generator` where the generator lives (a
+    CPU generator draws on the CPU: the same seed gives the same noise whatever the model's device),
+    then moved to `device` without the host waiting for it (pinned memory, non_blocking on CUDA)."""
+    device = torch.device(device)
+    where = generator.device if generator is not None else device
+    noise = torch.empty(shape, dtype=torch.float32, device=where).exponential_(generator=generator)
+    if noise.device != device:
+        if device.type == "cuda":
+            noise = noise.pin_memory().to(device, non_blocking=True)
+        else:
+            noise = noise.to(device)
+    return noise
+
+
+def race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One token (B, 1) per row of probs (B, V), drawn as argmax(probs / noise) with noise ~ Exp(1): token i
+    wins with probability probs_i (noise_i / probs_i ~ Exp(probs_i), and the smallest of independent
+    exponentials is the i-th with probability probs_i / sum(probs)). No host sync, unlike multinomial."""
+    # Exp(1) can be 0 (probability ~2^-24 per draw); 0 / 0 would be NaN, which argmax would pick.
+    return (probs / noise.clamp_min(torch.finfo(torch.float32).tiny)).argmax(dim=-1, keepdim=True)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.8, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None,
-                min_p: float | None = None) -> torch.Tensor:
+                min_p: float | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Next token ids (B, 1) from logits (B, V). temperature 0 is greedy (argmax); otherwise the logits
-    are divided by the temperature, filtered by top-k, top-p and min-p, and one token is drawn."""
+    are divided by the temperature, filtered by top-k, top-p and min-p, and one token is drawn by `race`
+    with Exp(1) noise (drawn with `generator` unless given)."""
     if temperature < 0:
         raise ConfigError(f"temperature must be >= 0, got {temperature}")
     logits = logits.float()
@@ -237,10 +292,57 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.8, top_k: int | Non
         return logits.argmax(dim=-1, keepdim=True)
     logits = apply_min_p(apply_top_p(apply_top_k(logits / temperature, top_k), top_p), min_p)
     probs = torch.softmax(logits, dim=-1)
-    if generator is not None and generator.device != probs.device:
-        # A CPU generator draws on the CPU: same seed, same tokens on any device.
-        return torch.multinomial(probs.cpu(), 1, generator=generator).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator)
+    if noise is None:
+        noise = draw_exponential(probs.shape, generator, probs.device)
+    return race(probs, noise)
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Which sampling steps run: the structure of a SamplingConfig without its values. Compiled decoding
+    specializes on the plan and takes the values as a tensor (`SamplingPlan.params`), so changing a
+    temperature does not recompile, while turning top-p on does."""
+
+    greedy: bool
+    top_k: int            # 0 = off
+    top_p: bool
+    min_p: bool
+    repetition: bool
+    counts: bool
+
+    @classmethod
+    def of(cls, s: SamplingConfig, vocab_size: int) -> "SamplingPlan":
+        top_k = s.top_k if s.top_k and s.top_k < vocab_size else 0
+        return cls(greedy=s.temperature == 0, top_k=top_k, top_p=s.top_p is not None and s.top_p < 1.0,
+                   min_p=bool(s.min_p), repetition=s.uses_repetition, counts=s.uses_counts)
+
+    @staticmethod
+    def params(s: SamplingConfig, device) -> torch.Tensor:
+        """The values, float32 on `device`: temperature, top_p, min_p and the three penalties."""
+        return torch.tensor([s.temperature, s.top_p or 1.0, s.min_p or 0.0, s.repetition_penalty,
+                             s.frequency_penalty, s.presence_penalty], dtype=torch.float32, device=device)
+
+
+def choose_tokens(logits: torch.Tensor, plan: SamplingPlan, params: torch.Tensor, seen: torch.Tensor | None,
+                  counts: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
+    """`process_logits` then `sample_next`, with the values in a tensor (`SamplingPlan.params`) and the
+    noise drawn beforehand: device work only, so it can run inside a compiled decode step. The eager and
+    the compiled decoders both choose with it, so a seed gives the same tokens on either."""
+    logits = logits.float()
+    if plan.repetition:
+        logits = _repetition(logits, seen, params[3])
+    if plan.counts:
+        logits = _frequency_presence(logits, counts, params[4], params[5])
+    if plan.greedy:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / params[0]
+    if plan.top_k:
+        logits = apply_top_k(logits, plan.top_k)
+    if plan.top_p:
+        logits = _top_p(logits, params[1])
+    if plan.min_p:
+        logits = _min_p(logits, params[2])
+    return race(torch.softmax(logits, dim=-1), noise)
 
 
 def _resolve_dtype(dtype, device) -> torch.dtype:
@@ -289,6 +391,8 @@ class Decoder:
         # Penalty state, only when used: tokens seen in prompt + generated; counts of generated tokens.
         self.seen = token_counts(idx, vocab) > 0 if sampling.uses_repetition else None
         self.counts = torch.zeros(idx.shape[0], vocab, device=self.device) if sampling.uses_counts else None
+        self.plan = SamplingPlan.of(sampling, vocab)
+        self.params = SamplingPlan.params(sampling, self.device)
 
     @property
     def batch(self) -> int:
@@ -296,7 +400,6 @@ class Decoder:
 
     def step(self) -> torch.Tensor:
         """Sample the next token (n, 1) of each of the n active rows (in the order of `rows`)."""
-        s = self.sampling
         if self.window.shape[1] > self.block:    # full: restart from the most recent tokens
             self.window = self.window[:, -self.keep_len:]
             self.pending = self.window
@@ -310,8 +413,8 @@ class Decoder:
             else:
                 h = self.model.hidden_states(self.window)
             logits = self.model.lm_head(h[:, -1, :])
-        logits = process_logits(logits, s, self.seen, self.counts)
-        nxt = sample_next(logits, s.temperature, s.top_k, s.top_p, self.generator, s.min_p)
+        noise = None if self.plan.greedy else draw_exponential(logits.shape, self.generator, self.device)
+        nxt = choose_tokens(logits, self.plan, self.params, self.seen, self.counts, noise)
         self.window = torch.cat((self.window, nxt), dim=1)
         self.pending = nxt
         if self.seen is not None:
@@ -342,7 +445,8 @@ def generate_stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
                     generator: torch.Generator | None = None, use_cache: bool = True,
                     dtype: torch.dtype | str | None = None, *, min_p: float | None = None,
                     repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
-                    presence_penalty: float = 0.0, eot_id: int | None = None) -> Iterator[torch.Tensor]:
+                    presence_penalty: float = 0.0, eot_id: int | None = None,
+                    compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield each new token (B, 1) as it is sampled. Prompts longer than block_size are cropped to
     their last block_size tokens (the repetition penalty still counts the whole prompt). use_cache=False
     recomputes the window at every step (the slow reference the cached path is tested against; it
@@ -350,11 +454,16 @@ def generate_stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
 
     eot_id: a row that samples this token is finished: it is dropped from the batch (no more compute) and
     its later entries are eot_id; the stream ends early once every row is finished. None (the default)
-    never ends early."""
+    never ends early.
+
+    compile: run prefill and each step as compiled static-shape functions (gpt/decode.py): the same tokens
+    for the same seed, much faster per token after a one-time compilation; falls back to the eager path
+    (with one line saying why) where compilation is unavailable."""
+    from .decode import make_decoder
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
                               presence_penalty)
     with _eval_mode(model):
-        dec = Decoder(model, idx, sampling, generator, use_cache, dtype)
+        dec = make_decoder(model, idx, sampling, generator, use_cache, dtype, compile)
         B = dec.batch
         for _ in range(max_new_tokens):
             rows = dec.rows
@@ -448,7 +557,7 @@ def _check_stops(stop) -> tuple[str, ...]:
 def generate_completions(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, num_samples: int = 1,
                          tokenizer=None, stop: Sequence[str] | str | None = None, eot_id: int | None | str = "auto",
                          generator: torch.Generator | None = None, use_cache: bool = True,
-                         dtype: torch.dtype | str | None = None,
+                         dtype: torch.dtype | str | None = None, compile: bool = False,
                          on_token: Callable[[int, int], None] | None = None,
                          on_finish: Callable[[int, Completion], None] | None = None,
                          **sampling) -> list[Completion]:
@@ -465,9 +574,10 @@ def generate_completions(model, prompts: Sequence[Sequence[int]], max_new_tokens
     first. eot_id: the end-of-text token ("auto": the tokenizer's, if it has one; None: never stop on a
     token). on_token(i, id): each generated token of completion i as it is sampled (not the end-of-text
     token, nor the token that completes a stop string); on_finish(i, completion): each completion when
-    it ends. sampling: the fields of `SamplingConfig` (temperature, top_k, top_p, min_p,
-    repetition_penalty, frequency_penalty, presence_penalty).
+    it ends. compile: as in `generate_stream`. sampling: the fields of `SamplingConfig` (temperature,
+    top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty).
     """
+    from .decode import make_decoder
     cfg = SamplingConfig(**sampling)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples must be an integer >= 1, got {num_samples}")
@@ -504,7 +614,7 @@ def generate_completions(model, prompts: Sequence[Sequence[int]], max_new_tokens
     with _eval_mode(model):
         for members in groups.values():
             idx = torch.tensor([prompts[slots[i][0]] for i in members], dtype=torch.long, device=device)
-            dec = Decoder(model, idx, cfg, generator, use_cache, dtype)
+            dec = make_decoder(model, idx, cfg, generator, use_cache, dtype, compile)
             active = list(members)               # the completion index of each decoder row
             ids: dict[int, list[int]] = {i: [] for i in members}
             for _ in range(max_new_tokens):
@@ -537,5 +647,6 @@ def generate_completions(model, prompts: Sequence[Sequence[int]], max_new_tokens
 
 __all__ = ["KVCache", "SamplingConfig", "Decoder", "Completion", "StopStrings", "check_sampling_value",
            "token_counts", "apply_repetition_penalty", "apply_frequency_presence_penalty", "apply_top_k",
-           "apply_top_p", "apply_min_p", "process_logits", "sample_next", "generate_stream", "generate",
+           "apply_top_p", "apply_min_p", "process_logits", "sample_next", "draw_exponential", "race", "SamplingPlan",
+           "choose_tokens", "generate_stream", "generate",
            "generate_completions"]

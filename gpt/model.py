@@ -61,9 +61,10 @@ class Attention(nn.Module):
         k = k.view(B, T, Hkv, D).transpose(1, 2)    # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         q, k = op.rope_qk(q, k, cos, sin)          # one launch for both (Triton path)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)        # (B, Hkv, pos + T, D)
-        y = op.attention(q, k, v, causal=True)      # (B, H, T, D)
+        if cache is None:
+            y = op.attention(q, k, v, causal=True)  # (B, H, T, D)
+        else:                                       # stores k, v, attends over what the cache holds
+            y = cache.attend(layer, q, k, v, op)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -215,19 +216,23 @@ class GPT(nn.Module):
     # -- forward ------------------------------------------------------------------------------
     def hidden_states(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
         """Final normed hidden states (B, T, C) of token ids idx (B, T); with a KV cache, idx are the
-        tokens at positions cache.pos ... cache.pos + T - 1, and the cache advances by T."""
+        tokens at the cache's next T positions, and the cache advances by T. A cache says which
+        positions those are (`rope`: their rows of the RoPE tables) and how attention reads it
+        (`attend`); gpt/generate.py's KVCache and gpt/decode.py's static cache views do."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         if idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"idx must hold integer token ids (int64), got {idx.dtype}")
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}; "
-                             f"crop the input to the last {self.config.block_size} tokens")
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}; "
+                                 f"crop the input to the last {self.config.block_size} tokens")
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos, sin = cache.rope(self.rope_cos, self.rope_sin, T)
         self.kernels_in_use()  # KernelsUnavailable where 'triton' cannot run on this device
         op = self.ops
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.drop(self.wte(idx))
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and cache is None:
@@ -253,19 +258,20 @@ class GPT(nn.Module):
                  top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
                  dtype: torch.dtype | str | None = None, *, min_p: float | None = None,
                  repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                 eot_id: int | None = None) -> torch.Tensor:
+                 eot_id: int | None = None, compile: bool = False) -> torch.Tensor:
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens). See gpt/generate.py.
 
         temperature 0 is greedy; top_k, top_p, min_p filter; repetition_penalty (CTRL: over the prompt and
         the generated tokens), frequency_penalty and presence_penalty (OpenAI: over the generated tokens
         only). eot_id: a row ends when it samples this token and is padded with it from then on; the
         result is shorter once every row has ended. Stop strings, several samples per prompt and prompts
-        of different lengths: `gpt.generate.generate_completions`.
+        of different lengths: `gpt.generate.generate_completions`. compile: compiled static-shape decoding
+        (gpt/decode.py): the same tokens, faster after a one-time compilation.
         """
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         generator=generator, use_cache=use_cache, dtype=dtype, min_p=min_p,
                         repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
-                        presence_penalty=presence_penalty, eot_id=eot_id)
+                        presence_penalty=presence_penalty, eot_id=eot_id, compile=compile)
 
 
 def create_model(preset: str = "tiny", kernels: str = "auto", gradient_checkpointing: bool = False,

@@ -57,6 +57,24 @@ def sdpa_attention(q, k, v, causal: bool = True, scale: float | None = None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+def torch_decode_attention(q, k, v, kv_len, scale: float | None = None):
+    """kernels.decode_attention semantics in PyTorch: q (B, H, Tq, D), the last Tq positions of each row's
+    kv_len[b] valid keys in a preallocated cache k/v (B, Hkv, L, D); keys at kv_len or later are masked
+    (the values there must be finite: they are multiplied by a zero weight).
+    GQA heads ride along as rows, as in _decode_attention. Static shapes: it compiles into one graph."""
+    B, H, Tq, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    rows = (H // Hkv) * Tq                               # row r: query head r // Tq of the group, position r % Tq
+    qg = q.reshape(B, Hkv, rows, D)
+    scores = (qg @ k.transpose(-1, -2)).float() * scale  # (B, Hkv, rows, L)
+    q_pos = kv_len.view(B, 1, 1, 1) - Tq + (torch.arange(rows, device=q.device) % Tq).view(1, 1, rows, 1)
+    masked = torch.arange(L, device=q.device).view(1, 1, 1, L) > q_pos
+    p = torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1)
+    p = p.masked_fill(masked.all(dim=-1, keepdim=True), 0.0)  # a query that sees no key: 0, not NaN
+    return (p.to(v.dtype) @ v).reshape(B, H, Tq, D)
+
+
 def torch_rms_norm(x, weight, eps: float = 1e-6, residual=None):
     """kernels.rms_norm semantics on F.rms_norm (PyTorch's fused kernel, fp32 math for low precision)."""
     h = x if residual is None else x + residual
@@ -106,12 +124,13 @@ class Ops:
     swiglu: Callable
     swiglu_packed: Callable
     attention: Callable
+    decode_attention: Callable   # (q, k_cache, v_cache, kv_len, scale=None), for a static KV cache
 
 
 # PyTorch's own fused ops for the row-wise math, SDPA for attention. Same semantics as
 # kernels/reference.py; intermediate rounding may differ in bf16/fp16.
 TORCH_OPS = Ops("torch", rms_norm=torch_rms_norm, rope=torch_rope, rope_qk=torch_rope_qk, swiglu=torch_swiglu,
-                swiglu_packed=torch_swiglu_packed, attention=sdpa_attention)
+                swiglu_packed=torch_swiglu_packed, attention=sdpa_attention, decode_attention=torch_decode_attention)
 
 
 def _triton_attention(q, k, v, causal=True, scale=None):
@@ -124,11 +143,18 @@ def _triton_attention(q, k, v, causal=True, scale=None):
     return kernels.attention(q, k, v, causal=causal, scale=scale)
 
 
+def _triton_decode_attention(q, k, v, kv_len, scale=None):
+    if q.dtype == torch.float32 and q.is_cuda:   # as _triton_attention: the flash kernels are fp16/bf16 on GPUs
+        return torch_decode_attention(q, k, v, kv_len, scale)
+    return kernels.decode_attention(q, k, v, kv_len, scale=scale)
+
+
 @functools.cache
 def triton_ops() -> Ops:
     """The Triton kernels (imported here, on first use: the PyTorch path never needs Triton)."""
-    table = {f.name: getattr(kernels, f.name) for f in fields(Ops) if f.name not in ("name", "attention")}
-    return Ops("triton", **table, attention=_triton_attention)
+    own = {"attention": _triton_attention, "decode_attention": _triton_decode_attention}
+    table = {f.name: getattr(kernels, f.name) for f in fields(Ops) if f.name != "name" and f.name not in own}
+    return Ops("triton", **table, **own)
 
 
 def check_mode(mode: str) -> str:

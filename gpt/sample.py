@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import decode
 from .checkpoint import load_model
 from .errors import USER_ERRORS, ConfigError
 from .generate import Completion, check_sampling_value, generate_completions
@@ -136,9 +137,31 @@ def sampling_kwargs(args) -> dict:
             "presence_penalty": args.presence_penalty}
 
 
+# --compile auto: compile when at least this many tokens are asked for (or in interactive mode). Compiling
+# costs seconds to a minute on a CPU; eager decoding of a few dozen tokens takes less than that.
+COMPILE_MIN_TOKENS = 256
+
+
+def use_compile(args) -> bool:
+    if args.no_cache or args.compile == "never":
+        return False
+    return args.compile == "always" or args.interactive or args.max_tokens >= COMPILE_MIN_TOKENS
+
+
+def report_compiles(since: int) -> None:
+    """One stderr line for the compilations since compile_log[since] (what, and how long)."""
+    new = decode.compile_log[since:]
+    if new:
+        parts = [f"{e.kind} (batch {e.batch}" + (f", {e.length}-token bucket" if e.kind == "prefill" else "")
+                 + f") in {e.seconds:.1f} s" for e in new]
+        print(f"compiled {', '.join(parts)}; reused for the rest of the session (--no-compile: eager decoding)",
+              file=sys.stderr)
+
+
 def _generation_kwargs(tokenizer, args, generator) -> dict:
     return dict(tokenizer=tokenizer, stop=args.stop, eot_id=None if args.ignore_eot else tokenizer.eot_id,
-                generator=generator, use_cache=not args.no_cache, dtype=args.compute_dtype, **sampling_kwargs(args))
+                generator=generator, use_cache=not args.no_cache, dtype=args.compute_dtype,
+                compile=use_compile(args), **sampling_kwargs(args))
 
 
 def complete(model, tokenizer, ids: list[int], args, generator, out=None) -> Completion:
@@ -252,8 +275,10 @@ def interactive(model, tokenizer, args, generator) -> None:
             print(f"error: {e}", file=sys.stderr)
             continue
         history += new
+        since = len(decode.compile_log)
         try:
             c = complete(model, tokenizer, history, args, generator)
+            report_compiles(since)
             history += c.ids
             if c.finish_reason == "eot":
                 print("\n(end of text)", file=sys.stderr)
@@ -294,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=1,
                    help="samples per prompt, generated together in one batch")
     p.add_argument("--no-cache", action="store_true", help="recompute the context each step (slow; for checking)")
+    p.add_argument("--compile", dest="compile", action="store_const", const="always", default="auto",
+                   help="compile prefill and the decode step (gpt/decode.py): much faster per token after a "
+                        f"one-time compilation; default: when generating >= {COMPILE_MIN_TOKENS} tokens or "
+                        "interactively")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="never",
+                   help="decode eagerly (no compilation)")
     p.add_argument("--interactive", action="store_true", help="a prompt loop; /help lists commands")
     p.add_argument("--quantize", default="none", choices=("none", "int8"),
                    help="int8: weight-only int8 linear layers with per-channel scales (half the bytes of bf16; "
@@ -340,10 +371,15 @@ def main(argv=None) -> int:
             quantize_int8(model)
             print(f"quantized the linear layers to int8: weights {before / 1e6:.2f} MB "
                   f"({dtype_name(args.compute_dtype)}) -> {weight_nbytes(model) / 1e6:.2f} MB", file=sys.stderr)
+        if use_compile(args):
+            print("compiling prefill and the decode step on first use (once per session; --no-compile to skip)",
+                  file=sys.stderr)
         if args.interactive:
             interactive(model, tokenizer, args, generator)
             return 0
+        since = len(decode.compile_log)
         sample_all(model, tokenizer, texts, args, generator)
+        report_compiles(since)
         return 0
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -315,7 +315,7 @@ def test_interactive_commands_for_the_new_settings(monkeypatch, ckpt, capsys):
     lines = iter(["/help", "/temp 0", "/minp 0.05", "/rep 1.1", "/freq 0.2", "/pres 0.3", "/minp -1", "/rep 0",
                   "/stop d", "/eot off", "/show", "/tokens 8", "a", "/stop", "/show", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    assert cli.main(["--ckpt", ckpt, "--interactive", "--device", "cpu", "--dtype", "float32"]) == 0
+    assert cli.main(["--ckpt", ckpt, "--interactive", "--device", "cpu", "--dtype", "float32", "--no-compile"]) == 0
     out, err = capsys.readouterr()
     for cmd in ("/minp", "/rep", "/freq", "/pres", "/stop", "/eot"):
         assert cmd in cli.INTERACTIVE_HELP
@@ -325,3 +325,22 @@ def test_interactive_commands_for_the_new_settings(monkeypatch, ckpt, capsys):
     # "a" + newline is continued " abc" (successors of "\n"), cut before the stop string "d".
     assert " abc(" in out and " abcd" not in out
     assert "stop=none" in out
+
+
+def test_interactive_compiles_once_and_reuses_it_across_prompts(monkeypatch, ckpt, capsys):
+    """Interactive mode compiles by default: the first turn compiles prefill and the step (and says how
+    long it took), later turns of the same prefill bucket reuse them; the text is the eager decoder's."""
+    turns = ["a", "k", "/temp 0.5", "c"]
+    outs = {}
+    for flag in ("--no-compile", None):
+        lines = iter([*turns, "/quit"])
+        monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+        args = ["--ckpt", ckpt, "--interactive", "--max-tokens", "3", "--seed", "3", *BASE[:6]]  # history < 16
+        assert cli.main(args + ([flag] if flag else [])) == 0
+        outs[flag] = capsys.readouterr()
+    out, err = outs[None]
+    assert out == outs["--no-compile"].out
+    compiled = [line for line in err.splitlines() if line.startswith("compiled ")]
+    assert len(compiled) == 1, err                 # the first turn only: a temperature change does not recompile
+    assert "prefill (batch 1, 16-token bucket) in" in compiled[0] and "step (batch 1) in" in compiled[0]
+    assert "compiled" not in outs["--no-compile"].err

@@ -252,7 +252,7 @@ def test_cli_train_then_sample_end_to_end(tmp_path, data_dir):
                     cwd=tmp_path)
     assert again.stdout == s.stdout
     inter = subprocess.run([sys.executable, "-m", "gpt.sample", "--ckpt", "out/ckpt.pt", "--interactive",
-                            "--max-tokens", "5"], input="/temp 0\nHello\n/show\n/reset\nnaïve€\n/quit\n",
+                            "--max-tokens", "5", "--no-compile"], input="/temp 0\nHello\n/show\n/reset\nnaïve€\n/quit\n",
                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert inter.returncode == 0, inter.stderr
     assert "(temp = 0.0)" in inter.stdout and "(session cleared)" in inter.stdout

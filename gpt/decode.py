@@ -1,0 +1,322 @@
+"""Compiled decoding: a static-shape KV cache, and prefill and the one-token step as compiled functions.
+
+Why. Batch-1 decoding reads every weight once per token, so its floor is (weight bytes + KV-cache bytes
+read) / memory bandwidth. Run eagerly, a small model is nowhere near it: each of the dozen ops per layer
+is a Python call and a dispatch, and that overhead, not memory, sets the speed. Compiled, the whole step
+(every layer, the cache write, the last position's logits and the sampling) is one function: inductor's
+generated C++ on the CPU (the row-wise ops fused around the matmuls), one CUDA-graph replay on a GPU
+(`mode="reduce-overhead"`, with the Triton split-KV decode kernel inside).
+
+What is static. `torch.compile(fullgraph=True, dynamic=False)` needs shapes that do not change between
+tokens, so:
+- the KV cache is (B, n_kv_head, block_size, head_dim) per layer, allocated once (`DecodeState`); the step
+  writes position `pos` with index_copy_ and attends over the whole cache with the keys past `pos` masked
+  (`ops.decode_attention`; the Triton kernel reads only the valid keys);
+- `pos` is a device tensor that the step advances itself: no host-to-device copy per token;
+- sampling: which steps run (`SamplingPlan`) is fixed, their values are a tensor, and the Exp(1) noise
+  of the draw is made before the step with the caller's generator (gpt/generate.py `race`), so a new
+  temperature does not recompile and the step never waits for the host;
+- the batch: a finished row keeps being computed (its tokens are dropped) instead of leaving the
+  batch, which would change the shape.
+Prefill is a second compiled function. The prompt is padded at its end up to a bucket (16, 32, 64, ...,
+capped at block_size), so a new prompt length compiles again only when it falls in a new bucket; causal
+attention keeps the padding out of every real position, and the cache rows it fills lie past `pos`,
+where the mask hides them until real tokens overwrite them.
+
+Past block_size: as the eager decoder (gpt/generate.py), keep the last block_size // 2 tokens and prefill
+them again from position 0 (one more prefill bucket).
+
+Cost. Compiling takes seconds to a minute, once per (batch size, bucket, sampling plan) in a process;
+`compile_log` records each first call and how long it took (the sampler prints it), and inductor keeps
+its generated code on disk, so a later process compiles faster. Where compilation is unavailable (no
+C++ compiler for inductor on the CPU, MPS, Python without TorchDynamo) `make_decoder` uses the eager
+decoder and says why, once.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .generate import (Decoder, SamplingConfig, SamplingPlan, _resolve_dtype, choose_tokens, draw_exponential,
+                       token_counts)
+from .runtime import autocast
+
+PREFILL_MIN = 16
+RECOMPILE_LIMIT = 64   # graphs per compiled function: buckets x batch sizes x sampling plans
+
+
+def prefill_bucket(length: int, block_size: int) -> int:
+    """The padded length a prompt of `length` tokens is prefilled at: the next power of two >= 16,
+    capped at block_size."""
+    bucket = PREFILL_MIN
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, block_size)
+
+
+class LayerCache(nn.Module):
+    """One layer's keys and values, (B, n_kv_head, block_size, head_dim) each. A tensor per layer, not
+    one for all: a compiled in-place write into a view of a larger buffer makes AOTAutograd copy the
+    whole buffer back at every step, a write into a whole input buffer is done in place."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+
+class DecodeState(nn.Module):
+    """What the compiled functions update in place, as buffers (CUDA graphs keep their addresses): the
+    KV cache of every layer, the next position, and the penalty state (tokens seen, tokens generated)."""
+
+    def __init__(self, model, batch: int, dtype: torch.dtype, seen: torch.Tensor | None, counts: bool):
+        super().__init__()
+        c = model.config
+        device = model.wte.weight.device
+        shape = (batch, c.n_kv_head, c.block_size, c.head_dim)
+        self.layers = nn.ModuleList(LayerCache(shape, dtype, device) for _ in range(c.n_layer))
+        self.batch = batch
+        self.register_buffer("pos", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("seen", seen, persistent=False)
+        self.register_buffer("counts", torch.zeros(batch, c.vocab_size, device=device) if counts else None,
+                             persistent=False)
+
+
+class _PrefillView:
+    """The cache as `GPT.hidden_states` sees it in prefill: positions 0..T-1 (T static)."""
+
+    def __init__(self, state: DecodeState):
+        self.state = state
+
+    def rope(self, cos, sin, T: int):
+        return cos[:T], sin[:T]
+
+    def attend(self, layer: int, q, k, v, op):
+        cache, T = self.state.layers[layer], k.shape[2]
+        cache.k[:, :, :T] = k
+        cache.v[:, :, :T] = v
+        return op.attention(q, k, v, causal=True)
+
+    def advance(self, T: int) -> None:
+        pass
+
+
+class _StepView:
+    """The cache as `GPT.hidden_states` sees it in a one-token step: position state.pos."""
+
+    def __init__(self, state: DecodeState):
+        self.state = state
+        self.kv_len = (state.pos + 1).repeat(state.batch)   # (B,) valid keys once this token is in, contiguous
+
+    def rope(self, cos, sin, T: int):
+        return cos.index_select(0, self.state.pos), sin.index_select(0, self.state.pos)
+
+    def attend(self, layer: int, q, k, v, op):
+        cache = self.state.layers[layer]
+        cache.k.index_copy_(2, self.state.pos, k.to(cache.k.dtype))
+        cache.v.index_copy_(2, self.state.pos, v.to(cache.v.dtype))
+        return op.decode_attention(q, cache.k, cache.v, self.kv_len)
+
+    def advance(self, T: int) -> None:
+        pass
+
+
+def _choose(state: DecodeState, logits, plan: SamplingPlan, params, noise):
+    nxt = choose_tokens(logits, plan, params, state.seen, state.counts, noise)
+    if state.seen is not None:
+        state.seen.scatter_(1, nxt, True)
+    if state.counts is not None:
+        state.counts.scatter_add_(1, nxt, torch.ones(nxt.shape, device=nxt.device))
+    return nxt
+
+
+def prefill(model, state: DecodeState, tokens, last, plan: SamplingPlan, params, noise, device, dtype):
+    """Fill the cache from tokens (B, bucket), whose real part ends at index `last` (a (1,) tensor), and
+    sample the token after it; state.pos becomes last + 1."""
+    with autocast(device, dtype):
+        h = model.hidden_states(tokens, cache=_PrefillView(state))
+        logits = model.lm_head(h.index_select(1, last)[:, 0])
+    state.pos.copy_(last + 1)
+    return _choose(state, logits, plan, params, noise)
+
+
+def decode_step(model, state: DecodeState, token, plan: SamplingPlan, params, noise, device, dtype):
+    """Put token (B, 1) at state.pos, sample the next one, advance state.pos."""
+    with autocast(device, dtype):
+        h = model.hidden_states(token, cache=_StepView(state))
+        logits = model.lm_head(h[:, -1])
+    state.pos.add_(1)
+    return _choose(state, logits, plan, params, noise)
+
+
+@dataclass
+class CompileEvent:
+    """The first call of a compiled function for one set of shapes: what, and its seconds (compile + run)."""
+    kind: str          # "prefill" or "step"
+    batch: int
+    length: int        # the prefill bucket; 1 for the step
+    seconds: float
+
+
+compile_log: list[CompileEvent] = []
+_seen_keys: set = set()
+_compiled: dict = {}
+_warned: set = set()
+
+
+def _say_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+def compile_unavailable_reason(device: torch.device) -> str | None:
+    """Why torch.compile cannot build the decode step on `device`, or None."""
+    if device.type not in ("cpu", "cuda"):
+        return f"torch.compile is not used on {device.type}"
+    try:
+        import torch._dynamo as dynamo
+        if not dynamo.is_dynamo_supported():
+            return "TorchDynamo does not support this Python"
+    except Exception as e:  # an exotic build without dynamo
+        return f"TorchDynamo is unavailable ({type(e).__name__})"
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++", "cl")):
+        return "inductor needs a C++ compiler on the CPU and none is on PATH (install g++ or clang++)"
+    return None
+
+
+def _compiled_fn(fn, device: torch.device):
+    key = (fn.__name__, device.type)
+    if key not in _compiled:
+        import torch._dynamo.config as dynamo_config
+        for name in ("recompile_limit", "cache_size_limit"):   # the name changed in torch 2.6
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
+        mode = "reduce-overhead" if device.type == "cuda" else None   # CUDA graphs
+        _compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+    return _compiled[key]
+
+
+class CompiledDecoder:
+    """`gpt.generate.Decoder`'s interface (`rows`, `batch`, `step()`, `keep(mask)`) on static shapes.
+
+    compile=False runs the same functions eagerly (for tests: the compiled path must give their tokens).
+    The caller puts the model in eval mode and disables autograd.
+    """
+
+    def __init__(self, model, idx: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
+                 dtype: torch.dtype | str | None = None, compile: bool = True):
+        if idx.dim() == 1:
+            idx = idx.unsqueeze(0)
+        if idx.numel() == 0 or idx.shape[1] == 0:
+            raise ValueError("generate needs a non-empty prompt (at least one token per row)")
+        self.model, self.generator = model, generator
+        self.block = model.config.block_size
+        self.keep_len = max(self.block // 2, 1)
+        self.device = idx.device
+        self.compute_dtype = _resolve_dtype(dtype, self.device)
+        # The dtype k and v come out in: autocast's, or the weights' where there is no autocast.
+        kv_dtype = self.compute_dtype if self.compute_dtype != torch.float32 else model.wte.weight.dtype
+        vocab = model.config.vocab_size
+        self.plan = SamplingPlan.of(sampling, vocab)
+        self.params = SamplingPlan.params(sampling, self.device)
+        seen = token_counts(idx, vocab) > 0 if self.plan.repetition else None
+        self.kv_dtype = kv_dtype
+        self.state = DecodeState(model, idx.shape[0], kv_dtype, seen, self.plan.counts)
+        self.window = idx[:, -self.block:]
+        self.pending: torch.Tensor | None = None   # the last sampled token, not yet in the cache
+        self.pos: int | None = None                # positions filled in the cache (host-side count)
+        self.rows = torch.arange(idx.shape[0], device=self.device)   # original row of each active row
+        self.active: torch.Tensor | None = None    # where the active rows are in the full batch (None: all)
+        self.compile = compile
+        self._fns = {}
+
+    @property
+    def batch(self) -> int:
+        return self.rows.shape[0]
+
+    def _fn(self, fn):
+        if not self.compile:
+            return fn
+        if fn not in self._fns:
+            self._fns[fn] = _compiled_fn(fn, self.device)
+        return self._fns[fn]
+
+    def _call(self, fn, kind: str, length: int, *args):
+        key = (id(self.model), kind, self.window.shape[0], length, self.plan, self.kv_dtype)
+        first = self.compile and key not in _seen_keys
+        if self.device.type == "cuda" and self.compile:
+            torch.compiler.cudagraph_mark_step_begin()
+        start = time.perf_counter()
+        try:
+            out = self._fn(fn)(*args, self.device, self.compute_dtype)
+        except Exception as e:
+            if not first:
+                raise
+            # Compilation itself failed (the eager functions are the same code): run them eagerly.
+            _say_once(f"compiling the decode step failed ({type(e).__name__}: {str(e).strip()[:200]}); "
+                      f"decoding without compilation")
+            self.compile = False
+            return fn(*args, self.device, self.compute_dtype)
+        if first:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            _seen_keys.add(key)
+            compile_log.append(CompileEvent(kind, self.window.shape[0], length, time.perf_counter() - start))
+        return out.clone() if self.device.type == "cuda" and self.compile else out   # the graph reuses its output
+
+    def _noise(self):
+        if self.plan.greedy:
+            return None
+        return draw_exponential((self.window.shape[0], self.model.config.vocab_size), self.generator, self.device)
+
+    def step(self) -> torch.Tensor:
+        """Sample the next token (n, 1) of each of the n active rows (in the order of `rows`)."""
+        if self.pos is None or self.pos >= self.block:   # the start, or the cache is full
+            if self.pos is not None:
+                self.window = self.window[:, -self.keep_len:]
+            T = self.window.shape[1]
+            bucket = prefill_bucket(T, self.block)
+            tokens = self.window if bucket == T else torch.cat(
+                (self.window, self.window.new_zeros(self.window.shape[0], bucket - T)), dim=1)
+            last = torch.tensor([T - 1], device=self.device)
+            nxt = self._call(prefill, "prefill", bucket, self.model, self.state, tokens, last, self.plan,
+                             self.params, self._noise())
+            self.pos = T
+        else:
+            nxt = self._call(decode_step, "step", 1, self.model, self.state, self.pending, self.plan,
+                             self.params, self._noise())
+            self.pos += 1
+        self.window = torch.cat((self.window, nxt), dim=1)
+        self.pending = nxt
+        return nxt if self.active is None else nxt.index_select(0, self.active)
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Keep the active rows where mask (n,) is True. The others stop being returned; they are still
+        computed (the batch shape is part of the compiled step)."""
+        index = mask.nonzero().squeeze(1)
+        if index.shape[0] == self.batch:
+            return
+        self.rows = self.rows[index]
+        self.active = index if self.active is None else self.active[index]
+
+
+def make_decoder(model, idx: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
+                 use_cache: bool = True, dtype: torch.dtype | str | None = None, compile: bool = False):
+    """The compiled decoder when `compile` (and use_cache) and it is available on idx's device, else the
+    eager `Decoder` (saying why, once, when compile was asked for)."""
+    if compile and use_cache:
+        reason = compile_unavailable_reason(idx.device)
+        if reason is None:
+            return CompiledDecoder(model, idx, sampling, generator, dtype)
+        _say_once(f"decoding without compilation: {reason}")
+    return Decoder(model, idx, sampling, generator, use_cache, dtype)
+
+
+__all__ = ["CompiledDecoder", "DecodeState", "CompileEvent", "compile_log", "compile_unavailable_reason",
+           "make_decoder", "prefill_bucket", "prefill", "decode_step"]

@@ -1,0 +1,180 @@
+"""Compiled static-shape decoding (gpt/decode.py): the same tokens as the eager decoder, prefill buckets,
+the masked decode attention, the exponential-race draw, and the fallbacks where compilation fails."""
+import warnings
+
+import pytest
+import torch
+
+from gpt import GPT, GPTConfig, decode
+from gpt.decode import CompiledDecoder, compile_unavailable_reason, make_decoder, prefill_bucket
+from gpt.generate import Decoder, SamplingConfig, generate, race
+from gpt.ops import torch_decode_attention
+from gpt.quantize import quantize_int8
+from kernels import reference
+
+pytestmark = pytest.mark.usefixtures("device")  # CUDA when present, else the CPU (tests/conftest.py)
+
+SETTINGS = {
+    "greedy": dict(temperature=0.0),
+    "filters": dict(temperature=0.9, top_k=12, top_p=0.9, min_p=0.05),
+    "penalties": dict(temperature=1.1, repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2),
+}
+
+
+def tiny(block_size=24, n_kv_head=2, vocab=50):
+    torch.manual_seed(1)
+    cfg = GPTConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=32, block_size=block_size)
+    return GPT(cfg).eval()
+
+
+def run(dec, n):
+    with torch.no_grad():
+        return torch.cat([dec.step() for _ in range(n)], dim=1)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("n_kv_head", [4, 1], ids=["MHA", "MQA"])
+def test_static_decoder_gives_the_eager_decoders_tokens(setting, n_kv_head):
+    """Uncompiled static path against the eager one, past block_size (two re-prefills) at batch 3: the
+    same functions compile, so this pins the static-shape logic (masking, buckets, positions, state)."""
+    model = tiny(block_size=16, n_kv_head=n_kv_head)
+    idx = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(0)).to(model.wte.weight.device)
+    s = SamplingConfig(**SETTINGS[setting])
+    eager = run(Decoder(model, idx, s, torch.Generator().manual_seed(3)), 40)
+    static = run(CompiledDecoder(model, idx, s, torch.Generator().manual_seed(3), compile=False), 40)
+    assert torch.equal(static, eager)
+
+
+def test_static_decoder_keeps_returning_only_the_rows_still_going():
+    model = tiny()
+    idx = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(1)).to(model.wte.weight.device)
+    s = SamplingConfig(temperature=0.0)
+    eager, static = Decoder(model, idx, s), CompiledDecoder(model, idx, s, compile=False)
+    with torch.no_grad():
+        for i in range(10):
+            a, b = eager.step(), static.step()
+            assert torch.equal(a, b) and torch.equal(eager.rows, static.rows)
+            if i == 3:
+                mask = torch.tensor([True, False, True], device=idx.device)
+                eager.keep(mask)
+                static.keep(mask)
+                assert static.batch == 2
+    assert static.state.layers[0].k.shape[0] == 3   # the batch shape stays: the dropped row is still computed
+
+
+@pytest.mark.parametrize("length, bucket", [(1, 16), (16, 16), (17, 32), (100, 128), (200, 256), (300, 256)])
+def test_prefill_buckets_are_powers_of_two_from_16_capped_at_block_size(length, bucket):
+    assert prefill_bucket(length, 256) == bucket
+
+
+@pytest.mark.parametrize("Tq", [1, 2])
+def test_torch_decode_attention_attends_to_each_rows_valid_keys_only(Tq, device):
+    """Against the reference attention over each row's first kv_len keys. Past kv_len the keys are NaN and
+    the values huge: neither may reach the output (values must be finite there: 0 x inf is NaN)."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, L, D = 3, 4, 2, 20, 16
+    q = torch.randn(B, H, Tq, D, generator=g).to(device)
+    k = torch.randn(B, Hkv, L, D, generator=g).to(device)
+    v = torch.randn(B, Hkv, L, D, generator=g).to(device)
+    kv_len = torch.tensor([2, 11, 20], device=device)
+    for b, n in enumerate(kv_len.tolist()):
+        k[b, :, n:], v[b, :, n:] = float("nan"), 1e30
+    out = torch_decode_attention(q, k, v, kv_len)
+    for b, n in enumerate(kv_len.tolist()):
+        want = reference.attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], causal=True)
+        torch.testing.assert_close(out[b:b + 1], want, rtol=1e-5, atol=1e-5)   # fp32: summation order only
+
+
+def test_a_query_that_sees_no_key_gets_zero_not_nan(device):
+    q, k, v = (torch.randn(1, 2, 1, 8, device=device) for _ in range(3))
+    out = torch_decode_attention(q, k, v, torch.tensor([0], device=device))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_the_exponential_race_draws_each_token_with_its_probability():
+    """argmax(p / Exp(1)) is a draw from p: over n draws each count is within 5 binomial sigmas of n p."""
+    p = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03, 0.0])
+    n = 40_000
+    g = torch.Generator().manual_seed(0)
+    noise = torch.empty(n, p.numel()).exponential_(generator=g)
+    counts = torch.bincount(race(p.expand(n, -1), noise)[:, 0], minlength=p.numel()).double()
+    sigma = (n * p * (1 - p)).double().sqrt()
+    assert counts[-1] == 0                                    # a zero-probability token never wins
+    assert ((counts - n * p.double()).abs() <= 5 * sigma + 1e-9).all(), counts.tolist()
+
+
+def test_race_never_picks_a_zero_probability_token_when_the_noise_is_zero():
+    p = torch.tensor([[0.0, 1.0, 0.0]])
+    assert race(p, torch.zeros(1, 3)).item() == 1
+
+
+def test_without_a_cpp_compiler_make_decoder_says_so_and_decodes_eagerly(monkeypatch):
+    model = tiny()
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    monkeypatch.setattr(decode.shutil, "which", lambda name: None)
+    monkeypatch.setattr(decode, "_warned", set())
+    reason = compile_unavailable_reason(torch.device("cpu"))
+    assert "C++ compiler" in reason
+    with pytest.warns(UserWarning, match="decoding without compilation: inductor needs a C\\+\\+ compiler"):
+        dec = make_decoder(model, idx, SamplingConfig(), compile=True)
+    assert isinstance(dec, Decoder)
+    assert "not used on mps" in compile_unavailable_reason(torch.device("mps"))
+
+
+def test_a_compilation_failure_falls_back_to_the_same_functions_eagerly(monkeypatch, device):
+    model = tiny()
+    idx = torch.randint(0, 50, (2, 4), generator=torch.Generator().manual_seed(2)).to(device)
+
+    def broken(fn, device):
+        def call(*args):
+            raise RuntimeError("no compiler today")
+        return call
+
+    monkeypatch.setattr(decode, "_compiled_fn", broken)
+    monkeypatch.setattr(decode, "_warned", set())
+    monkeypatch.setattr(decode, "_seen_keys", set())
+    want = generate(model, idx, 8, temperature=0.0)
+    with pytest.warns(UserWarning, match="compiling the decode step failed .*no compiler today"):
+        got = generate(model, idx, 8, temperature=0.0, compile=True)
+    assert torch.equal(got, want)
+
+
+def test_compiled_decoding_gives_the_eager_tokens_and_compiles_once(device):
+    """The real compilation (inductor C++ on the CPU, CUDA graphs on a GPU): greedy and sampled text,
+    batch 2, past block_size, equal to the eager decoder's; a second call compiles nothing new. Tokens may
+    only differ where two logits are within the rounding of a different summation order, which these
+    fp32 logits of a tiny model are not (checked: they are equal)."""
+    model = tiny(block_size=32).to(device)
+    idx = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(4)).to(device)
+    kw = dict(temperature=0.8, top_k=20, repetition_penalty=1.2)
+    start = len(decode.compile_log)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")    # no fallback: it really compiled
+        got = generate(model, idx, 40, generator=torch.Generator().manual_seed(5), compile=True, **kw)
+    events = decode.compile_log[start:]
+    assert {(e.kind, e.length) for e in events} == {("prefill", 16), ("step", 1)}, events
+    assert all(e.seconds > 0 for e in events)
+    want = generate(model, idx, 40, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(got, want)
+    # Another prompt of the same bucket, another seed and temperature: nothing recompiles.
+    kw["temperature"] = 1.3
+    again = generate(model, idx[:, 1:], 40, generator=torch.Generator().manual_seed(6), compile=True, **kw)
+    assert len(decode.compile_log) == start + 2
+    assert torch.equal(again, generate(model, idx[:, 1:], 40, generator=torch.Generator().manual_seed(6), **kw))
+
+
+def test_int8_model_decodes_on_the_static_path_like_the_eager_one():
+    model = quantize_int8(tiny(block_size=16))
+    idx = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(7)).to(model.wte.weight.device)
+    s = SamplingConfig(temperature=0.0)
+    assert torch.equal(run(CompiledDecoder(model, idx, s, compile=False), 20), run(Decoder(model, idx, s), 20))
+
+
+def test_bf16_static_decoding_gives_the_eager_bf16_tokens():
+    """bf16 weights, cache and autocast: the static path against the eager one at the same precision."""
+    model = tiny().to(torch.bfloat16)
+    idx = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(8)).to(model.wte.weight.device)
+    s = SamplingConfig(temperature=0.0)
+    want = run(Decoder(model, idx, s, dtype=torch.bfloat16), 30)
+    got = run(CompiledDecoder(model, idx, s, dtype=torch.bfloat16, compile=False), 30)
+    assert torch.equal(got, want)
