@@ -1,24 +1,30 @@
-"""`decode` suite: generation tokens/sec and per-token latency, with and without the KV cache.
+"""`decode` suite: generation tokens/sec, per-token latency and the fraction of the memory roofline, eager vs
+compiled (gpt/decode.py) vs compiled with int8 weights.
 
 Generation is gpt.generate.generate_stream, greedy (temperature 0: no sampling noise), from a random
-16-token prompt. CPU: fp32 weights with autocast to the device's default dtype (the product path,
-`model.generate(dtype=...)`). CUDA: weights cast to bf16 (how a model is served), and the
-memory-bandwidth utilization of a cached decode step: (weights + KV cache read per step) / per-token
-latency / measured copy bandwidth. Each preset also gets batch-1 KV-cache rows of the same model with
-int8 weight-only linear layers (gpt/quantize.py; kernels column `<mode>+int8`).
+16-token prompt, with the weights in bf16 (how `python -m gpt.sample` serves them) and bf16 compute.
+Modes, each at batch 1 and 8:
+- eager: the eager decoder with its KV cache (plus, at batch 1, recomputing the window every step);
+- compiled: prefill and the decode step compiled with static shapes (CUDA graphs on a GPU);
+- compiled+int8: the same after gpt.quantize.quantize_int8 (weight-only int8 linear layers and head).
+The roofline fraction is the time the bytes a step must read (every weight once, each layer's K and V up to
+the current context) would take at the measured copy bandwidth, over the measured step time; the
+compile time (the first prefill and step calls) is reported apart from the timed tokens. The
+`shakespeare_cpu` model is configs/shakespeare_cpu.toml's (character vocabulary of 65), untrained.
 """
 from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from gpt import create_model
+from gpt import GPT, create_model, decode
 from gpt.config import PRESETS
 from gpt.generate import generate_stream
 from gpt.quantize import Int8Linear, quantize_int8, weight_nbytes
-from gpt.runtime import dtype_name, resolve_dtype
+from gpt.runtime import dtype_name
 
 from . import roofline
 from .common import RunContext, format_table, log, progress
@@ -26,30 +32,39 @@ from .timing import sync
 
 PROMPT_LEN = 16
 BATCHES = (1, 8)
+RECIPE = "shakespeare_cpu"          # the CPU recipe's model, by its config file
+RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shakespeare_cpu.toml"
+RECIPE_VOCAB = 65                   # characters of the Shakespeare corpus
+MODELS = (RECIPE, *PRESETS)
 
 
 def default_presets(ctx: RunContext) -> list[str]:
     if ctx.presets:
         return ctx.presets
-    return list(PRESETS) if ctx.device.type == "cuda" else ["tiny", "small"]
+    return list(PRESETS) if ctx.device.type == "cuda" else [RECIPE, "tiny", "small"]
+
+
+def build(preset: str, kernels: str) -> GPT:
+    torch.manual_seed(0)
+    if preset == RECIPE:
+        from train.config import resolve_config
+        return GPT(resolve_config({}, str(RECIPE_CONFIG)).model_config(RECIPE_VOCAB), kernels=kernels)
+    return create_model(preset, kernels=kernels)
 
 
 def _model(preset: str, kernels: str, ctx: RunContext):
-    torch.manual_seed(0)
-    model = create_model(preset, kernels=kernels).to(ctx.device).eval()
-    if ctx.device.type == "cuda":
-        model = model.to(torch.bfloat16)
-        return model, None, "bfloat16 weights"
-    dtype = resolve_dtype("auto", ctx.device)
-    return model, dtype, f"fp32 weights, autocast {dtype_name(dtype)}"
+    model = build(preset, kernels).to(ctx.device).eval().cast_weights_(torch.bfloat16)
+    return model, torch.bfloat16, "bfloat16 weights and compute"
 
 
-def _token_times(model, idx: torch.Tensor, new_tokens: int, use_cache: bool, dtype, device) -> list[float]:
+def _token_times(model, idx: torch.Tensor, new_tokens: int, use_cache: bool, dtype, device,
+                 compile: bool = False) -> list[float]:
     """Seconds from the previous token (or the start) to each generated token; [0] includes the prefill."""
     times = []
     sync(device)
     prev = time.perf_counter()
-    for _ in generate_stream(model, idx, new_tokens, temperature=0.0, use_cache=use_cache, dtype=dtype):
+    for _ in generate_stream(model, idx, new_tokens, temperature=0.0, use_cache=use_cache, dtype=dtype,
+                             compile=compile):
         sync(device)
         now = time.perf_counter()
         times.append(now - prev)
@@ -69,42 +84,46 @@ def _bandwidth(model, batch: int, context: int, seconds_per_step: float, ctx: Ru
 
 
 def generation(preset: str, model, dtype, ctx: RunContext, new_tokens: int, batches=BATCHES,
-               no_cache: bool = True) -> list[dict]:
-    """tokens/s and per-token latency of greedy generation at each batch size, with the KV cache and
-    (no_cache) recomputing the window at every step."""
+               no_cache: bool = True, mode: str = "eager") -> list[dict]:
+    """tokens/s, per-token latency and roofline fraction of greedy generation at each batch size, with the KV
+    cache and (no_cache, eager only, batch 1) recomputing the window at every step. mode: eager | compiled;
+    compiled rows carry compile_s, the seconds of the calls that compiled."""
     records = []
     vocab = model.config.vocab_size
+    compile = mode != "eager"
+    new_tokens = min(new_tokens, model.config.block_size - PROMPT_LEN)   # no re-prefill inside the timing
     for batch in batches:
         idx = torch.randint(0, vocab, (batch, PROMPT_LEN), device=ctx.device)
-        for use_cache in (True, False) if no_cache else (True,):
-            progress(f"[decode] {preset} batch={batch} cache={use_cache} {new_tokens} tokens")
-            _token_times(model, idx, 2, use_cache, dtype, ctx.device)  # warm-up
-            times = _token_times(model, idx, new_tokens, use_cache, dtype, ctx.device)
+        for use_cache in (True, False) if (no_cache and not compile and batch == 1) else (True,):
+            progress(f"[decode] {preset} {mode} batch={batch} cache={use_cache} {new_tokens} tokens")
+            since = len(decode.compile_log)
+            _token_times(model, idx, 2, use_cache, dtype, ctx.device, compile)  # warm-up (and compilation)
+            compile_s = sum(e.seconds for e in decode.compile_log[since:])
+            times = _token_times(model, idx, new_tokens, use_cache, dtype, ctx.device, compile)
             steps = times[1:] or times
             total = sum(times)
-            rec = {"suite": "decode", "kind": "measured", "test": "generate", "preset": preset, "batch": batch,
-                   "kv_cache": use_cache, "prompt": PROMPT_LEN, "new_tokens": new_tokens,
+            rec = {"suite": "decode", "kind": "measured", "test": "generate", "preset": preset, "mode": mode,
+                   "batch": batch, "kv_cache": use_cache, "prompt": PROMPT_LEN, "new_tokens": new_tokens,
                    "tokens_per_s": batch * new_tokens / total,
                    "first_token_ms": times[0] * 1e3,
                    "per_token_ms": statistics.median(steps) * 1e3,
                    "per_token_p20_ms": _quantile(steps, 0.2) * 1e3, "per_token_p80_ms": _quantile(steps, 0.8) * 1e3}
-            if ctx.device.type == "cuda" and use_cache:
+            if compile:
+                rec["compile_s"] = compile_s
+            if use_cache:
                 rec.update(_bandwidth(model, batch, PROMPT_LEN + new_tokens // 2, rec["per_token_ms"] / 1e3, ctx))
             records.append(rec)
     return records
 
 
 def _int8_generation(preset: str, model, dtype, ctx: RunContext, new_tokens: int, kernels: str) -> list[dict]:
-    """Batch-1 cached generation of the same weights as int8 linear layers (quantized in place: the float
-    rows are measured first); a failure is a note and leaves the float rows."""
+    """Compiled generation of the same weights as int8 linear layers (quantized in place: the float rows are
+    measured first); a failure is a note and leaves the float rows."""
     try:
-        records = generation(preset, quantize_int8(model), dtype, ctx, new_tokens, batches=(1,), no_cache=False)
+        return generation(preset, quantize_int8(model), dtype, ctx, new_tokens, mode="compiled+int8")
     except Exception as e:
         ctx.note(f"decode {preset} kernels={kernels} int8 skipped: {type(e).__name__}: {str(e).strip()[:200]}")
         return []
-    for r in records:
-        r["quantize"] = "int8"
-    return records
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -133,7 +152,7 @@ def context_sweep(preset: str, model, dtype, ctx: RunContext) -> list[dict]:
             rec = {"suite": "decode", "kind": "measured", "test": "context", "preset": preset, "batch": 1,
                    "kv_cache": use_cache, "context": context, "steps_timed": steps,
                    "per_token_ms": per_token * 1e3, "tokens_per_s": 1 / per_token}
-            if ctx.device.type == "cuda" and use_cache:
+            if use_cache:
                 rec.update(_bandwidth(model, 1, context, per_token, ctx))
             records.append(rec)
     return records
@@ -151,7 +170,9 @@ def run(ctx: RunContext) -> list[dict]:
                 # The context sweep on the largest preset run (it is the one where context matters most).
                 if preset == presets[-1]:
                     recs += context_sweep(preset, model, dtype, ctx)
-                recs += _int8_generation(preset, model, dtype, ctx, new_tokens, kernels)
+                if ctx.compile:
+                    recs += generation(preset, model, dtype, ctx, new_tokens, mode="compiled")
+                    recs += _int8_generation(preset, model, dtype, ctx, new_tokens, kernels)
             except Exception as e:  # out of memory, or a kernel being written: note it, run the other presets
                 if ctx.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -159,15 +180,16 @@ def run(ctx: RunContext) -> list[dict]:
                 continue
             for r in recs:
                 r["precision"] = precision
-                r["kernels"] = kernels + ("+int8" if r.get("quantize") else "")
+                r["kernels"] = kernels
             records += recs
     return records
 
 
-GEN_COLUMNS = [("preset", "preset"), ("kernels", "kernels"), ("batch", "batch"), ("kv_cache", "KV cache"), ("new_tokens", "new tokens"),
-               ("tokens_per_s", "tokens/s"), ("per_token_ms", "ms/token"), ("per_token_p20_ms", "p20"),
-               ("per_token_p80_ms", "p80"), ("first_token_ms", "1st token ms"), ("gbps", "GB/s"),
-               ("pct_copy_bw", "% copy BW")]
+GEN_COLUMNS = [("preset", "preset"), ("kernels", "kernels"), ("mode", "mode"), ("batch", "batch"),
+               ("kv_cache", "KV cache"), ("new_tokens", "new tokens"), ("tokens_per_s", "tokens/s"),
+               ("per_token_ms", "ms/step"), ("per_token_p20_ms", "p20"), ("per_token_p80_ms", "p80"),
+               ("first_token_ms", "1st token ms"), ("gbps", "GB/s"), ("pct_copy_bw", "% roofline"),
+               ("compile_s", "compile s")]
 CTX_COLUMNS = [("preset", "preset"), ("kernels", "kernels"), ("context", "context"), ("kv_cache", "KV cache"), ("per_token_ms", "ms/token"),
                ("tokens_per_s", "tokens/s"), ("gbps", "GB/s"), ("pct_copy_bw", "% copy BW")]
 
@@ -175,8 +197,8 @@ CTX_COLUMNS = [("preset", "preset"), ("kernels", "kernels"), ("context", "contex
 def print_tables(records: list[dict], ctx: RunContext) -> None:
     gen = [r for r in records if r["test"] == "generate"]
     precision = gen[0]["precision"] if gen else ""
-    log(format_table(f"decode: greedy generation, prompt {PROMPT_LEN} tokens (MEASURED; {precision})",
-                     gen, GEN_COLUMNS))
+    log(format_table(f"decode: greedy generation, prompt {PROMPT_LEN} tokens (MEASURED; {precision}; % roofline = "
+                     f"bytes a step reads / measured copy bandwidth / step time)", gen, GEN_COLUMNS))
     sweep = [r for r in records if r["test"] == "context"]
     if sweep:
         log("")

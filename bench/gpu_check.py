@@ -14,7 +14,8 @@ Steps (each timed, each failure noted without stopping the others):
    head dim 128, T >= 2k).
 4. train: the `small` preset for 200 steps with --kernels triton and with --kernels torch, same seed and
    batches: the largest loss difference along the curve, tokens/s and MFU of each.
-5. decode: KV-cache greedy decoding of the `small` preset (bf16 weights) at batch 1 and 16, both paths.
+5. decode: KV-cache greedy decoding of the `small` preset (bf16 weights) at batch 1 and 16, both paths,
+   eager and compiled (CUDA graphs).
 Writes DIR/results.json and plots, prints one summary table and ends with one JSON line.
 """
 from __future__ import annotations
@@ -208,6 +209,9 @@ def decode_both_paths(plan: Plan, ctx: RunContext) -> list[dict]:
             dtype = torch.float32
         recs = decode_suite.generation(plan.decode_preset, model, dtype, ctx, plan.decode_tokens,
                                        batches=plan.decode_batches, no_cache=False)
+        if ctx.device.type == "cuda":   # the compiled step as one CUDA graph (gpt/decode.py)
+            recs += decode_suite.generation(plan.decode_preset, model, dtype, ctx, plan.decode_tokens,
+                                            batches=plan.decode_batches, mode="compiled")
         for r in recs:
             r.update(step="decode", kernels=kernels, precision="bf16 weights" if dtype is None else "fp32")
         records += recs
@@ -242,7 +246,7 @@ def summary_rows(results: dict) -> list[dict]:
                      "result": f"{r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}%, final loss "
                                f"{r['final_loss']:.4f}, val {r['val_loss']:.4f}{diff}"})
     for r in results.get("decode", []):
-        rows.append({"check": "decode", "case": f"{r['preset']} batch {r['batch']} kernels={r['kernels']}",
+        rows.append({"check": "decode", "case": f"{r['preset']} {r['mode']} batch {r['batch']} kernels={r['kernels']}",
                      "result": f"{r['tokens_per_s']:,.1f} tok/s, {r['per_token_ms']:.2f} ms/token"})
     return rows
 

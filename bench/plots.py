@@ -105,17 +105,19 @@ def decode(records: list[dict], out_dir: Path, device_name: str) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
     ax = axes[0, 0]
     keys = list(dict.fromkeys((r["preset"], r["kernels"], r["batch"]) for r in gen))
-    for i, cache in enumerate((True, False)):
+    series = list(dict.fromkeys((r.get("mode", "eager"), r["kv_cache"]) for r in gen))
+    width = 0.8 / max(len(series), 1)
+    for i, (mode, cache) in enumerate(series):
         ys = [next((r["tokens_per_s"] for r in gen if (r["preset"], r["kernels"], r["batch"]) == k
-                    and r["kv_cache"] == cache), 0) for k in keys]
-        bars = ax.bar([j + (i - 0.5) * 0.4 for j in range(len(keys))], ys, 0.4,
-                      label="KV cache" if cache else "no cache (recompute)")
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks(range(len(keys)), [f"{p} {k}\nbatch {b}" for p, k, b in keys])
+                    and r.get("mode", "eager") == mode and r["kv_cache"] == cache), 0) for k in keys]
+        bars = ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(keys))], ys, width,
+                      label=mode if cache else f"{mode}, no cache (recompute)")
+        ax.bar_label(bars, fmt="%.0f", fontsize=6)
+    ax.set_xticks(range(len(keys)), [f"{p} {k}\nbatch {b}" for p, k, b in keys], fontsize=7)
     ax.set_ylabel("generated tokens / s")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     new = gen[0]["new_tokens"] if gen else 0
     ax.set_title(f"Generation, {new} new tokens", fontsize=10)
     ax = axes[0, 1]

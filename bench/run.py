@@ -51,8 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     level.add_argument("--full", action="store_true",
                        help="complete sweeps, every preset that fits at its default batch and block size")
     p.add_argument("--preset", default=None,
-                   help="comma-separated presets for train/decode/dist (default: all on CUDA, tiny,small on CPU; "
-                        "dist: tiny measured, every preset estimated)")
+                   help="comma-separated presets for train/decode/dist (default: all on CUDA, tiny,small on CPU "
+                        "(decode: also shakespeare_cpu, the CPU recipe's model); dist: tiny measured, every preset "
+                        "estimated)")
     p.add_argument("--sizes", default=None,
                    help="comma-separated kernel sweep sizes: rows for row-wise ops, sequence length for attention")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
@@ -76,9 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)} or all")
     args.presets = [x.strip() for x in args.preset.split(",") if x.strip()] if args.preset else None
-    bad = [x for x in args.presets or [] if x not in PRESETS]
+    bad = [x for x in args.presets or [] if x not in decode_suite.MODELS]
     if bad:
-        p.error(f"unknown preset(s) {bad}; choose from {', '.join(PRESETS)}")
+        p.error(f"unknown preset(s) {bad}; choose from {', '.join(decode_suite.MODELS)}")
+    others = [s for s in args.suites if s in ("train", "dist")]
+    if decode_suite.RECIPE in (args.presets or []) and others:
+        p.error(f"--preset {decode_suite.RECIPE} (the CPU recipe's model) is for the decode suite only, not "
+                f"{', '.join(others)}; add --suite decode")
     args.quick = not args.full
     return args
 
@@ -164,7 +169,8 @@ def summary(results: dict, out_dir: Path, seconds: float, ctx: RunContext, devic
                                    round(r["tokens_per_s"], 1) for r in train}
     dec = [r for r in results.get("decode", []) if r.get("test") == "generate"]
     if dec:
-        s["decode_tokens_per_s"] = {f"{r['preset']} {r['kernels']} b{r['batch']} {'cache' if r['kv_cache'] else 'no-cache'}":
+        s["decode_tokens_per_s"] = {f"{r['preset']} {r['kernels']} {r['mode']} b{r['batch']} "
+                                    f"{'cache' if r['kv_cache'] else 'no-cache'}":
                                     round(r["tokens_per_s"], 1) for r in dec}
     dist = [r for r in results.get("dist", []) if r.get("table") == "measured" and "tokens_per_s" in r]
     if dist:
