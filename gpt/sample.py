@@ -137,15 +137,17 @@ def sampling_kwargs(args) -> dict:
             "presence_penalty": args.presence_penalty}
 
 
-# --compile auto: compile when at least this many tokens are asked for (or in interactive mode). Compiling
-# costs seconds to a minute on a CPU; eager decoding of a few dozen tokens takes less than that.
-COMPILE_MIN_TOKENS = 256
+# --compile auto: compile in interactive mode, or when at least this many tokens are asked for in all.
+# Compiling costs 15-75 s on a 2-core CPU (docs/decoding.md), about what eager decoding of ~2,000
+# tokens of the small preset takes.
+COMPILE_MIN_TOKENS = 2000
 
 
-def use_compile(args) -> bool:
+def use_compile(args, n_prompts: int = 1) -> bool:
     if args.no_cache or args.compile == "never":
         return False
-    return args.compile == "always" or args.interactive or args.max_tokens >= COMPILE_MIN_TOKENS
+    total = args.max_tokens * args.num_samples * n_prompts
+    return args.compile == "always" or args.interactive or total >= COMPILE_MIN_TOKENS
 
 
 def report_compiles(since: int) -> None:
@@ -161,7 +163,7 @@ def report_compiles(since: int) -> None:
 def _generation_kwargs(tokenizer, args, generator) -> dict:
     return dict(tokenizer=tokenizer, stop=args.stop, eot_id=None if args.ignore_eot else tokenizer.eot_id,
                 generator=generator, use_cache=not args.no_cache, dtype=args.compute_dtype,
-                compile=use_compile(args), **sampling_kwargs(args))
+                compile=getattr(args, "use_compile", False), **sampling_kwargs(args))
 
 
 def complete(model, tokenizer, ids: list[int], args, generator, out=None) -> Completion:
@@ -321,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the context each step (slow; for checking)")
     p.add_argument("--compile", dest="compile", action="store_const", const="always", default="auto",
                    help="compile prefill and the decode step (gpt/decode.py): much faster per token after a "
-                        f"one-time compilation; default: when generating >= {COMPILE_MIN_TOKENS} tokens or "
+                        f"one-time compilation; default: when generating >= {COMPILE_MIN_TOKENS} tokens in all or "
                         "interactively")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="never",
                    help="decode eagerly (no compilation)")
@@ -371,9 +373,10 @@ def main(argv=None) -> int:
             quantize_int8(model)
             print(f"quantized the linear layers to int8: weights {before / 1e6:.2f} MB "
                   f"({dtype_name(args.compute_dtype)}) -> {weight_nbytes(model) / 1e6:.2f} MB", file=sys.stderr)
-        if use_compile(args):
-            print("compiling prefill and the decode step on first use (once per session; --no-compile to skip)",
-                  file=sys.stderr)
+        args.use_compile = use_compile(args, len(texts))
+        if args.use_compile:
+            print("compiling prefill and the decode step on first use (once per session, 15-75 s on a small CPU; "
+                  "--no-compile to skip)", file=sys.stderr)
         if args.interactive:
             interactive(model, tokenizer, args, generator)
             return 0

@@ -178,3 +178,20 @@ def test_bf16_static_decoding_gives_the_eager_bf16_tokens():
     want = run(Decoder(model, idx, s, dtype=torch.bfloat16), 30)
     got = run(CompiledDecoder(model, idx, s, dtype=torch.bfloat16, compile=False), 30)
     assert torch.equal(got, want)
+
+
+def test_the_compiled_step_never_runs_stale_weights(device):
+    """The CPU step is compiled with the weights frozen into it: another model of the same shapes, and the
+    same model after an in-place update, must still decode with their own current weights."""
+    first, second = tiny(block_size=32).to(device), tiny(block_size=32).to(device)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    idx = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(9)).to(device)
+    for model in (first, second, first):
+        assert torch.equal(generate(model, idx, 12, temperature=0.0, compile=True),
+                           generate(model, idx, 12, temperature=0.0))
+    with torch.no_grad():
+        first.lm_head.weight.mul_(-1.0)           # in place, as an optimizer step would
+    assert torch.equal(generate(first, idx, 12, temperature=0.0, compile=True),
+                       generate(first, idx, 12, temperature=0.0))
