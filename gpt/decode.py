@@ -38,6 +38,7 @@ import contextlib
 import shutil
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -72,20 +73,54 @@ class LayerCache(nn.Module):
 
 
 class DecodeState(nn.Module):
-    """What the compiled functions update in place, as buffers (CUDA graphs keep their addresses): the
-    KV cache of every layer, the next position, and the penalty state (tokens seen, tokens generated)."""
+    """What the compiled functions update in place, as buffers: the KV cache of every layer, the next
+    position, and the penalty state (tokens seen, tokens generated).
 
-    def __init__(self, model, batch: int, dtype: torch.dtype, seen: torch.Tensor | None, counts: bool):
+    The compiled step is specialized on these buffers themselves (the frozen CPU step guards on their
+    identity, a CUDA graph on their addresses), so a state is reused from one generation to the next
+    (`DecodeState.take`) rather than allocated anew, which would compile the step again."""
+
+    def __init__(self, model, batch: int, dtype: torch.dtype, seen: bool, counts: bool):
         super().__init__()
         c = model.config
         device = model.wte.weight.device
-        shape = (batch, c.n_kv_head, c.block_size, c.head_dim)
-        self.layers = nn.ModuleList(LayerCache(shape, dtype, device) for _ in range(c.n_layer))
+        self.shape = (batch, c.n_kv_head, c.block_size, c.head_dim)
+        self.layers = nn.ModuleList(LayerCache(self.shape, dtype, device) for _ in range(c.n_layer))
         self.batch = batch
+        self.in_use = False
         self.register_buffer("pos", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("seen", seen, persistent=False)
-        self.register_buffer("counts", torch.zeros(batch, c.vocab_size, device=device) if counts else None,
+        vocab = (batch, c.vocab_size)
+        self.register_buffer("seen", torch.zeros(vocab, dtype=torch.bool, device=device) if seen else None,
                              persistent=False)
+        self.register_buffer("counts", torch.zeros(vocab, device=device) if counts else None, persistent=False)
+
+    _pool: dict = {}
+    POOL_SIZE = 4   # states kept for reuse (each holds a KV cache), the least recently used dropped first
+
+    @classmethod
+    def take(cls, model, batch: int, dtype: torch.dtype, seen: torch.Tensor | None, counts: bool) -> "DecodeState":
+        """A state for this model, batch and dtype, reused if one is free (its old cache contents stay: they
+        lie past `pos`, masked, until overwritten), set up for a new generation: `seen` copied in, the
+        counts zeroed. Release it with `release()`."""
+        c = model.config
+        key = (id(model), batch, dtype, seen is not None, counts)
+        state = cls._pool.pop(key, None)
+        shape = (batch, c.n_kv_head, c.block_size, c.head_dim)
+        if state is None or state.in_use or state.shape != shape or len(state.layers) != c.n_layer \
+                or state.layers[0].k.device != model.wte.weight.device:
+            state = cls(model, batch, dtype, seen is not None, counts)
+        cls._pool[key] = state                       # most recently used last
+        while len(cls._pool) > cls.POOL_SIZE:
+            cls._pool.pop(next(iter(cls._pool)))
+        if seen is not None:
+            state.seen.copy_(seen)
+        if counts:
+            state.counts.zero_()
+        state.in_use = True
+        return state
+
+    def release(self) -> None:
+        self.in_use = False
 
 
 class _PrefillView:
@@ -159,7 +194,8 @@ def decode_step(model, state: DecodeState, token, plan: SamplingPlan, params, no
 
 @dataclass
 class CompileEvent:
-    """The first call of a compiled function for one set of shapes: what, and its seconds (compile + run)."""
+    """A call of a compiled function that compiled it (first use of a batch size, bucket or sampling plan,
+    or new weights): what, and its seconds (compile + run)."""
     kind: str          # "prefill" or "step"
     batch: int
     length: int        # the prefill bucket; 1 for the step
@@ -170,6 +206,12 @@ compile_log: list[CompileEvent] = []
 _seen_keys: set = set()
 _compiled: dict = {}
 _warned: set = set()
+
+
+def _graphs_compiled() -> int:
+    """How many graphs TorchDynamo has compiled in this process (it counts each compilation)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
 
 
 def _say_once(msg: str) -> None:
@@ -261,7 +303,8 @@ class CompiledDecoder:
         self.params = SamplingPlan.params(sampling, self.device)
         seen = token_counts(idx, vocab) > 0 if self.plan.repetition else None
         self.kv_dtype = kv_dtype
-        self.state = DecodeState(model, idx.shape[0], kv_dtype, seen, self.plan.counts)
+        self.state = DecodeState.take(model, idx.shape[0], kv_dtype, seen, self.plan.counts)
+        weakref.finalize(self, self.state.release)   # free for the next generation once this one is gone
         self.window = idx[:, -self.block:]
         self.pending: torch.Tensor | None = None   # the last sampled token, not yet in the cache
         self.pos: int | None = None                # positions filled in the cache (host-side count)
@@ -286,6 +329,7 @@ class CompiledDecoder:
         first = self.compile and key not in _seen_keys
         if self.device.type == "cuda" and self.compile:
             torch.compiler.cudagraph_mark_step_begin()
+        graphs = _graphs_compiled()
         start = time.perf_counter()
         try:
             with _step_config(self.device, self.compile and fn is decode_step):
@@ -298,10 +342,10 @@ class CompiledDecoder:
                       f"decoding without compilation")
             self.compile = False
             return fn(*args, self.device, self.compute_dtype)
-        if first:
+        _seen_keys.add(key)
+        if self.compile and _graphs_compiled() > graphs:   # this call compiled (or compiled again)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            _seen_keys.add(key)
             compile_log.append(CompileEvent(kind, self.window.shape[0], length, time.perf_counter() - start))
         return out.clone() if self.device.type == "cuda" and self.compile else out   # the graph reuses its output
 
@@ -319,7 +363,7 @@ class CompiledDecoder:
                 self.weights = weights_key(self.model)
             T = self.window.shape[1]
             bucket = prefill_bucket(T, self.block)
-            tokens = self.window if bucket == T else torch.cat(
+            tokens = self.window.contiguous() if bucket == T else torch.cat(   # contiguous: strides are guarded
                 (self.window, self.window.new_zeros(self.window.shape[0], bucket - T)), dim=1)
             last = torch.tensor([T - 1], device=self.device)
             nxt = self._call(prefill, "prefill", bucket, self.model, self.state, tokens, last, self.plan,

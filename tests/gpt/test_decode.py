@@ -152,7 +152,8 @@ def test_compiled_decoding_gives_the_eager_tokens_and_compiles_once(device):
         warnings.simplefilter("error")    # no fallback: it really compiled
         got = generate(model, idx, 40, generator=torch.Generator().manual_seed(5), compile=True, **kw)
     events = decode.compile_log[start:]
-    assert {(e.kind, e.length) for e in events} == {("prefill", 16), ("step", 1)}, events
+    # one compilation each, though the 45 tokens pass block_size (a second prefill of the same bucket)
+    assert sorted((e.kind, e.length) for e in events) == [("prefill", 16), ("step", 1)], events
     assert all(e.seconds > 0 for e in events)
     want = generate(model, idx, 40, generator=torch.Generator().manual_seed(5), **kw)
     assert torch.equal(got, want)
