@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from gpt.checkpoint import load_model
 from gpt.errors import CheckpointError, ConfigError
 from gpt.ops import KERNEL_MODES
+from gpt.quantize import quantize_int8
 from gpt.runtime import autocast, dtype_name, resolve_device, resolve_dtype
 
 from .config import TrainConfig
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="also load checkpoints that need pickle (older formats); this can run code in the file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
+    p.add_argument("--quantize", default="none", choices=("none", "int8"),
+                   help="int8: score the model with weight-only int8 linear layers (gpt/quantize.py), as "
+                        "python -m gpt.sample --quantize int8 runs it")
     return p
 
 
@@ -81,6 +85,8 @@ def main(argv=None) -> int:
         dtype = resolve_dtype(args.dtype, device)
         model, tokenizer, ck = load_model(args.ckpt, device, kernels=args.kernels, trust=args.trust_checkpoint)
         model.kernels_in_use()  # 'triton' where it cannot run: one clear line, before the data is opened
+        if args.quantize == "int8":
+            quantize_int8(model.eval())
         if "train_config" not in ck:
             raise CheckpointError(f"checkpoint {args.ckpt} does not say which data it was trained on "
                                   f"(no train_config); evaluate a checkpoint written by python -m train")
@@ -105,10 +111,12 @@ def main(argv=None) -> int:
     bits = loss / float(np.log(2))
     if args.json:
         print(json.dumps({"ckpt": args.ckpt, "split": args.split, "tokens": n, "loss": loss,
-                          f"bits_per_{unit}": bits, "iter": ck.get("iter"), "dtype": dtype_name(dtype)}))
+                          f"bits_per_{unit}": bits, "iter": ck.get("iter"), "dtype": dtype_name(dtype),
+                          "quantize": args.quantize}))
     else:
         print(f"{args.ckpt} (iter {ck.get('iter')}): {args.split} loss {loss:.4f} nats/{unit} "
-              f"({bits:.4f} bits/{unit}) over all {n:,} {unit}s of the split, {dtype_name(dtype)}")
+              f"({bits:.4f} bits/{unit}) over all {n:,} {unit}s of the split, {dtype_name(dtype)}"
+              + (", int8 weights" if args.quantize == "int8" else ""))
     return 0
 
 

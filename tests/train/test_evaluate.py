@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig, load_model
 from gpt.checkpoint import read_checkpoint
+from gpt.quantize import quantize_int8
 from kernels.testing import FWD_FACTOR, assert_close_to_reference
 from train.config import TrainConfig
 from train.evaluate import split_loss
@@ -88,6 +89,16 @@ def test_a_checkpoint_trained_on_the_triton_kernels_is_scored_and_sampled_on_pyt
     finally:
         torch.set_num_threads(threads)
     assert (cli["tokens"], cli["loss"]) == (n, want) and n == len(val) - 1
+    # --quantize int8 scores the int8 model (gpt/quantize.py): exactly the in-process figure, not the float one.
+    ev8 = run("train.evaluate", "--json", "--dtype", "float32", "--quantize", "int8")
+    assert ev8.returncode == 0, ev8.stderr
+    torch.set_num_threads(1)
+    try:
+        want8, _ = split_loss(quantize_int8(load_model(ckpt, kernels="torch")[0].eval()), val, 32,
+                              torch.device("cpu"), torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(ev8.stdout)["loss"] == want8 != want
     sample = run("gpt.sample", "--prompt", "to be", "--max-tokens", "10", "--seed", "0", "--dtype", "float32")
     assert sample.returncode == 0 and sample.stdout.startswith("to be") and "kernels torch -> torch" in sample.stderr, \
         sample.stderr
