@@ -10,7 +10,7 @@ Modes, each at batch 1 and 8:
 The roofline fraction is the time the bytes a step must read (every weight once, each layer's K and V up to
 the current context) would take at the measured copy bandwidth, over the measured step time; the
 compile time (the first prefill and step calls) is reported apart from the timed tokens. The
-`shakespeare_cpu` model is configs/shakespeare_cpu.toml's (character vocabulary of 65), untrained.
+`shakespeare_cpu` model is configs/shakespeare_cpu.toml's (character vocabulary of 75), untrained.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ PROMPT_LEN = 16
 BATCHES = (1, 8)
 RECIPE = "shakespeare_cpu"          # the CPU recipe's model, by its config file
 RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shakespeare_cpu.toml"
-RECIPE_VOCAB = 65                   # characters of the Shakespeare corpus
+RECIPE_VOCAB = 75                   # characters of the default Shakespeare corpus
 MODELS = (RECIPE, *PRESETS)
 
 
