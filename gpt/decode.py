@@ -242,7 +242,8 @@ def compile_unavailable_reason(device: torch.device) -> str | None:
 # times the compile time. Freezing is read when dynamo traces, so it is set around each call of the step
 # (`_STEP_CONFIG`), not passed as a compile option. Prefill runs once per prompt: default compilation.
 STEP_MODE = {"cuda": "reduce-overhead"}
-_STEP_CONFIG = {"cpu": dict(freezing=True, max_autotune=True)}
+# (autotune_num_choices_displayed=0: the autotuner's timing tables are not printed to stderr.)
+_STEP_CONFIG = {"cpu": dict(freezing=True, max_autotune=True, autotune_num_choices_displayed=0)}
 
 
 def _compiled_fn(fn, device: torch.device):
@@ -263,7 +264,7 @@ def _step_config(device: torch.device, compiled: bool):
     if not settings:
         return contextlib.nullcontext()
     import torch._inductor.config as inductor_config
-    return inductor_config.patch(**settings)
+    return inductor_config.patch(**{k: v for k, v in settings.items() if hasattr(inductor_config, k)})
 
 
 _weights_keys: dict[tuple, int] = {}

@@ -138,8 +138,8 @@ def sampling_kwargs(args) -> dict:
 
 
 # --compile auto: compile in interactive mode, or when at least this many tokens are asked for in all.
-# Compiling costs 15-75 s on a 2-core CPU (docs/decoding.md), about what eager decoding of ~2,000
-# tokens of the small preset takes.
+# Compiling costs 35-60 s on a 2-core CPU with a cold cache (docs/decoding.md), a little less than
+# eager decoding of ~2,000 tokens of the small preset takes.
 COMPILE_MIN_TOKENS = 2000
 
 
@@ -375,8 +375,8 @@ def main(argv=None) -> int:
                   f"({dtype_name(args.compute_dtype)}) -> {weight_nbytes(model) / 1e6:.2f} MB", file=sys.stderr)
         args.use_compile = use_compile(args, len(texts))
         if args.use_compile:
-            print("compiling prefill and the decode step on first use (once per session, 15-75 s on a small CPU; "
-                  "--no-compile to skip)", file=sys.stderr)
+            print("compiling prefill and the decode step on first use (once per session, up to a minute on a "
+                  "small CPU; --no-compile to skip)", file=sys.stderr)
         if args.interactive:
             interactive(model, tokenizer, args, generator)
             return 0
