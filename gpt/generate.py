@@ -17,7 +17,7 @@ Sampling, one step: logits (B, V) -> processed logits -> one token per row. The 
 5. one draw from the softmax: argmax(probs / noise) with Exp(1) noise from the caller's
    `torch.Generator` (`race`; a CPU generator draws on the CPU, so a seed gives the same tokens on any
    device). Unlike torch.multinomial it never makes the host wait for the device, so the whole step,
-   sampling included, can run inside one compiled function (gpt/decode.py) and give the same tokens.
+   sampling included, can run inside one compiled function (gpt/decode.py) and draw the same way.
 
 Ending a row early: `eot_id` (a row ends when it samples that token) and stop strings (checked on the
 decoded text of each row; `generate_completions`). A finished row is dropped from the batch (its KV
@@ -327,7 +327,8 @@ def choose_tokens(logits: torch.Tensor, plan: SamplingPlan, params: torch.Tensor
                   counts: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
     """`process_logits` then `sample_next`, with the values in a tensor (`SamplingPlan.params`) and the
     noise drawn beforehand: device work only, so it can run inside a compiled decode step. The eager and
-    the compiled decoders both choose with it, so a seed gives the same tokens on either."""
+    the compiled decoders both choose with it, so a seed gives the same tokens on either (given the same
+    logits: in bf16 the compiled step rounds differently)."""
     logits = logits.float()
     if plan.repetition:
         logits = _repetition(logits, seen, params[3])
@@ -457,8 +458,9 @@ def generate_stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
     never ends early.
 
     compile: run prefill and each step as compiled static-shape functions (gpt/decode.py): the same tokens
-    for the same seed, much faster per token after a one-time compilation; falls back to the eager path
-    (with one line saying why) where compilation is unavailable."""
+    for the same seed up to rounding (identical in fp32; bf16 rounds differently), much faster per token
+    after a one-time compilation; falls back to the eager path (with one line saying why) where
+    compilation is unavailable."""
     from .decode import make_decoder
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
                               presence_penalty)

@@ -266,7 +266,7 @@ class GPT(nn.Module):
         only). eot_id: a row ends when it samples this token and is padded with it from then on; the
         result is shorter once every row has ended. Stop strings, several samples per prompt and prompts
         of different lengths: `gpt.generate.generate_completions`. compile: compiled static-shape decoding
-        (gpt/decode.py): the same tokens, faster after a one-time compilation.
+        (gpt/decode.py): the same tokens up to rounding, faster after a one-time compilation.
         """
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         generator=generator, use_cache=use_cache, dtype=dtype, min_p=min_p,
