@@ -26,9 +26,10 @@ where the mask hides them until real tokens overwrite them.
 Past block_size: as the eager decoder (gpt/generate.py), keep the last block_size // 2 tokens and prefill
 them again from position 0 (one more prefill bucket).
 
-Cost. Compiling takes seconds to a minute, once per (batch size, bucket, sampling plan) in a process;
-`compile_log` records each first call and how long it took (the sampler prints it), and inductor keeps
-its generated code on disk, so a later process compiles faster. Where compilation is unavailable (no
+Cost. Compiling takes seconds to a minute, once per (batch size, bucket, sampling plan, weights) in a
+process; `compile_log` records each call that compiled and how long it took (the sampler prints it), and
+inductor keeps its generated code on disk, so a later process compiles faster. The state buffers are
+reused from one generation to the next (`DecodeState.take`), as the compiled step is specialized on them. Where compilation is unavailable (no
 C++ compiler for inductor on the CPU, MPS, Python without TorchDynamo) `make_decoder` uses the eager
 decoder and says why, once.
 """
