@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from .generate import (Decoder, SamplingConfig, SamplingPlan, _resolve_dtype, choose_tokens, draw_exponential,
-                       token_counts)
+                       record_tokens, token_counts)
 from .runtime import autocast
 
 PREFILL_MIN = 16
@@ -85,9 +85,10 @@ class DecodeState(nn.Module):
         super().__init__()
         c = model.config
         device = model.wte.weight.device
-        self.shape = (batch, c.n_kv_head, c.block_size, c.head_dim)
-        self.layers = nn.ModuleList(LayerCache(self.shape, dtype, device) for _ in range(c.n_layer))
+        shape = (batch, c.n_kv_head, c.block_size, c.head_dim)
+        self.layers = nn.ModuleList(LayerCache(shape, dtype, device) for _ in range(c.n_layer))
         self.batch = batch
+        self.owner = weakref.ref(model)
         self.in_use = False
         self.register_buffer("pos", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
         vocab = (batch, c.vocab_size)
@@ -103,11 +104,10 @@ class DecodeState(nn.Module):
         """A state for this model, batch and dtype, reused if one is free (its old cache contents stay: they
         lie past `pos`, masked, until overwritten), set up for a new generation: `seen` copied in, the
         counts zeroed. Release it with `release()`."""
-        c = model.config
         key = (id(model), batch, dtype, seen is not None, counts)
         state = cls._pool.pop(key, None)
-        shape = (batch, c.n_kv_head, c.block_size, c.head_dim)
-        if state is None or state.in_use or state.shape != shape or len(state.layers) != c.n_layer \
+        # The same model object (not another that reuses its id), on the same device (it may have moved).
+        if state is None or state.in_use or state.owner() is not model \
                 or state.layers[0].k.device != model.wte.weight.device:
             state = cls(model, batch, dtype, seen is not None, counts)
         cls._pool[key] = state                       # most recently used last
@@ -165,10 +165,7 @@ class _StepView:
 
 def _choose(state: DecodeState, logits, plan: SamplingPlan, params, noise):
     nxt = choose_tokens(logits, plan, params, state.seen, state.counts, noise)
-    if state.seen is not None:
-        state.seen.scatter_(1, nxt, True)
-    if state.counts is not None:
-        state.counts.scatter_add_(1, nxt, torch.ones(nxt.shape, device=nxt.device))
+    record_tokens(nxt, state.seen, state.counts)
     return nxt
 
 

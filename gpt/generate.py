@@ -284,17 +284,12 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.8, top_k: int | Non
                 min_p: float | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Next token ids (B, 1) from logits (B, V). temperature 0 is greedy (argmax); otherwise the logits
     are divided by the temperature, filtered by top-k, top-p and min-p, and one token is drawn by `race`
-    with Exp(1) noise (drawn with `generator` unless given)."""
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
-    logits = logits.float()
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = apply_min_p(apply_top_p(apply_top_k(logits / temperature, top_k), top_p), min_p)
-    probs = torch.softmax(logits, dim=-1)
-    if noise is None:
-        noise = draw_exponential(probs.shape, generator, probs.device)
-    return race(probs, noise)
+    with Exp(1) noise (drawn with `generator` unless given). The same steps as the decoders (`choose_tokens`)."""
+    s = SamplingConfig(temperature, top_k, top_p, min_p)      # invalid values: ConfigError
+    plan = SamplingPlan.of(s, logits.size(-1))
+    if noise is None and not plan.greedy:
+        noise = draw_exponential(logits.shape, generator, logits.device)
+    return choose_tokens(logits, plan, SamplingPlan.params(s, logits.device), None, None, noise)
 
 
 @dataclass(frozen=True)
@@ -364,6 +359,14 @@ def _eval_mode(model):
         model.train(was_training)
 
 
+def record_tokens(nxt: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None) -> None:
+    """Add the sampled tokens nxt (B, 1) to the penalty state, in place: `seen` (B, V) bool, `counts` (B, V)."""
+    if seen is not None:
+        seen.scatter_(1, nxt, True)
+    if counts is not None:
+        counts.scatter_add_(1, nxt, torch.ones(nxt.shape, device=nxt.device))
+
+
 # -- the decoding loop ---------------------------------------------------------------------------
 class Decoder:
     """The state of one batch being decoded: the context window, the KV cache, the penalty counts and
@@ -418,10 +421,7 @@ class Decoder:
         nxt = choose_tokens(logits, self.plan, self.params, self.seen, self.counts, noise)
         self.window = torch.cat((self.window, nxt), dim=1)
         self.pending = nxt
-        if self.seen is not None:
-            self.seen.scatter_(1, nxt, True)
-        if self.counts is not None:
-            self.counts.scatter_add_(1, nxt, torch.ones(nxt.shape, device=nxt.device))
+        record_tokens(nxt, self.seen, self.counts)
         return nxt
 
     def keep(self, mask: torch.Tensor) -> None:
@@ -650,5 +650,5 @@ def generate_completions(model, prompts: Sequence[Sequence[int]], max_new_tokens
 __all__ = ["KVCache", "SamplingConfig", "Decoder", "Completion", "StopStrings", "check_sampling_value",
            "token_counts", "apply_repetition_penalty", "apply_frequency_presence_penalty", "apply_top_k",
            "apply_top_p", "apply_min_p", "process_logits", "sample_next", "draw_exponential", "race", "SamplingPlan",
-           "choose_tokens", "generate_stream", "generate",
+           "choose_tokens", "record_tokens", "generate_stream", "generate",
            "generate_completions"]
