@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -47,6 +46,7 @@ import torch.nn as nn
 
 from .generate import (Decoder, SamplingConfig, SamplingPlan, _resolve_dtype, choose_tokens, draw_exponential,
                        record_tokens, token_counts)
+from .ops import _warn_once
 from .runtime import autocast
 
 PREFILL_MIN = 16
@@ -203,19 +203,12 @@ class CompileEvent:
 compile_log: list[CompileEvent] = []
 _seen_keys: set = set()
 _compiled: dict = {}
-_warned: set = set()
 
 
 def _graphs_compiled() -> int:
     """How many graphs TorchDynamo has compiled in this process (it counts each compilation)."""
     from torch._dynamo.utils import counters
     return counters["stats"]["unique_graphs"]
-
-
-def _say_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        warnings.warn(msg, stacklevel=3)
 
 
 def compile_unavailable_reason(device: torch.device) -> str | None:
@@ -337,7 +330,7 @@ class CompiledDecoder:
             if not first:
                 raise
             # Compilation itself failed (the eager functions are the same code): run them eagerly.
-            _say_once(f"compiling the decode step failed ({type(e).__name__}: {str(e).strip()[:200]}); "
+            _warn_once(f"compiling the decode step failed ({type(e).__name__}: {str(e).strip()[:200]}); "
                       f"decoding without compilation")
             self.compile = False
             return fn(*args, self.device, self.compute_dtype)
@@ -394,7 +387,7 @@ def make_decoder(model, idx: torch.Tensor, sampling: SamplingConfig, generator: 
         reason = compile_unavailable_reason(idx.device)
         if reason is None:
             return CompiledDecoder(model, idx, sampling, generator, dtype)
-        _say_once(f"decoding without compilation: {reason}")
+        _warn_once(f"decoding without compilation: {reason}")
     return Decoder(model, idx, sampling, generator, use_cache, dtype)
 
 

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from gpt import GPT, GPTConfig, decode
+from gpt import GPT, GPTConfig, decode, ops
 from gpt.decode import CompiledDecoder, compile_unavailable_reason, make_decoder, prefill_bucket
 from gpt.generate import Decoder, SamplingConfig, generate, race
 from gpt.ops import torch_decode_attention
@@ -112,7 +112,7 @@ def test_without_a_cpp_compiler_make_decoder_says_so_and_decodes_eagerly(monkeyp
     model = tiny()
     idx = torch.zeros(1, 3, dtype=torch.long)
     monkeypatch.setattr(decode.shutil, "which", lambda name: None)
-    monkeypatch.setattr(decode, "_warned", set())
+    monkeypatch.setattr(ops, "_WARNED", set())
     reason = compile_unavailable_reason(torch.device("cpu"))
     assert "C++ compiler" in reason
     with pytest.warns(UserWarning, match="decoding without compilation: inductor needs a C\\+\\+ compiler"):
@@ -131,7 +131,7 @@ def test_a_compilation_failure_falls_back_to_the_same_functions_eagerly(monkeypa
         return call
 
     monkeypatch.setattr(decode, "_compiled_fn", broken)
-    monkeypatch.setattr(decode, "_warned", set())
+    monkeypatch.setattr(ops, "_WARNED", set())
     monkeypatch.setattr(decode, "_seen_keys", set())
     want = generate(model, idx, 8, temperature=0.0)
     with pytest.warns(UserWarning, match="compiling the decode step failed .*no compiler today"):
