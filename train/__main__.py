@@ -15,7 +15,7 @@ import torch
 from gpt.config import PRESETS, GPTConfig
 from gpt.ops import KERNEL_MODES
 
-from .config import MODEL_FIELDS, OPTIMIZERS, PARALLEL_MODES, TRAIN_PRESETS, TrainConfig, resolve_config
+from .config import MODEL_FIELDS, OPTIMIZERS, PARALLEL_MODES, SCHEDULES, TRAIN_PRESETS, TrainConfig, resolve_config
 from .errors import TRAIN_ERRORS
 from .loop import Trainer
 
@@ -28,6 +28,9 @@ HELP = {
     "resume": "continue exactly from OUT_DIR/ckpt.pt", "compile": "torch.compile the model",
     "gradient_checkpointing": "recompute each block in the backward (less memory, ~30%% more compute)",
     "optimizer": "adamw | muon (Muon for the blocks' matrices at --matrix-lr, AdamW at --lr for the rest)",
+    "schedule": "the decay from --lr to --min-lr after warmup: cosine | linear",
+    "decay_frac": "the last fraction of the run over which the rate decays; before it the rate stays at its "
+                  "peak (1: decay over the whole run; 0.4: warmup-stable-decay)",
     "matrix_lr": "Muon's peak learning rate (with --optimizer muon)", "momentum": "Muon's Nesterov momentum",
     "parallel": "under torchrun: ddp (replicate, average gradients) | fsdp (shard parameters, gradients, "
                 "optimizer state); auto: ddp when there are several ranks",
@@ -40,7 +43,7 @@ HELP = {
     "wandb_run_name": "W&B run name (with --log wandb; unset: the out dir's name). --resume continues the same "
                       "W&B run: its id is kept in OUT_DIR/wandb_run_id",
 }
-CHOICES = {"preset": list(PRESETS), "optimizer": list(OPTIMIZERS), "kernels": list(KERNEL_MODES),
+CHOICES = {"preset": list(PRESETS), "optimizer": list(OPTIMIZERS), "schedule": list(SCHEDULES), "kernels": list(KERNEL_MODES),
            "parallel": list(PARALLEL_MODES)}
 ALIASES = {"dataset": ["--data"], "gradient_checkpointing": ["--grad-checkpointing"]}
 

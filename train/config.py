@@ -13,6 +13,7 @@ from gpt.ops import KERNEL_MODES
 from .loggers import chosen as chosen_loggers
 
 OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "linear")  # the shape of the decay from lr to min_lr (train/loop.py lr_at)
 PARALLEL_MODES = ("auto", "ddp", "fsdp")  # see train/distributed.py
 
 
@@ -38,7 +39,9 @@ class TrainConfig:
     lr: float = 1e-3                   # peak learning rate (AdamW; with muon: the embedding, head and norms)
     matrix_lr: float = 0.02            # peak learning rate of Muon's matrices (optimizer = "muon")
     momentum: float = 0.95             # Muon's Nesterov momentum
-    min_lr: float = 1e-4               # cosine floor
+    min_lr: float = 1e-4               # the rate at the end of the decay
+    schedule: str = "cosine"           # cosine | linear: the decay's shape
+    decay_frac: float = 1.0            # the last fraction of the run that decays; before it, the peak rate
     warmup_iters: int = 100            # linear warmup steps
     weight_decay: float = 0.1          # on 2-D weights only
     beta1: float = 0.9
@@ -88,6 +91,10 @@ class TrainConfig:
             raise ConfigError(f"unknown parallel mode {self.parallel!r}; choose one of: {', '.join(PARALLEL_MODES)}")
         if self.matrix_lr <= 0 or not 0 <= self.momentum < 1:
             raise ConfigError(f"need matrix_lr > 0 and 0 <= momentum < 1, got {self.matrix_lr}, {self.momentum}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if not 0 < self.decay_frac <= 1:
+            raise ConfigError(f"decay_frac is the fraction of the run that decays, in (0, 1]; got {self.decay_frac}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if self.time_budget is not None and self.time_budget <= 0:

@@ -1,4 +1,4 @@
-"""The training loop: AMP, gradient accumulation, clipping, cosine LR, eval, logging, checkpoints.
+"""The training loop: AMP, gradient accumulation, clipping, the LR schedule, eval, logging, checkpoints.
 
 `Trainer(cfg).train()` runs one job. Its pieces, in the order a step meets them: `_Clock` (wall clock
 carried across resumes, the time budget, the schedule's progress), `_set_lr`, `_step` (one optimizer
@@ -51,14 +51,19 @@ RESUMABLE_DIFFERENCES = {"dropout"}
 
 
 def lr_at(cfg: TrainConfig, it: int, progress: float) -> float:
-    """Linear warmup over warmup_iters steps, times a cosine from lr to min_lr over progress in [0, 1].
+    """Linear warmup over warmup_iters steps, times the peak rate until the last decay_frac of the run,
+    then a cosine or linear decay (cfg.schedule) from lr to min_lr over the rest of progress in [0, 1].
+    decay_frac 1 decays over the whole run; below 1 it is warmup-stable-decay (a constant rate, then
+    the decay).
 
     progress is it / max_iters, or the spent fraction of the time budget if that is further along,
     so a time-limited run still decays to min_lr by its end."""
     warm = min(1.0, (it + 1) / cfg.warmup_iters) if cfg.warmup_iters > 0 else 1.0
     p = min(max(progress, 0.0), 1.0)
+    q = max(p - (1 - cfg.decay_frac), 0.0) / cfg.decay_frac  # progress through the decay, in [0, 1]
+    shape = 1 - q if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * q))
     floor = cfg.min_lr / cfg.lr
-    return cfg.lr * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+    return cfg.lr * warm * (floor + (1 - floor) * shape)
 
 
 def open_data(cfg: TrainConfig, tokenizer: Tokenizer | None = None) -> PreparedData:

@@ -207,6 +207,26 @@ def test_lr_schedule_shape():
     assert lr_at(cfg, 50, 0.5) == pytest.approx(0.55)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_lr_schedule_stable_then_decay(schedule):
+    """decay_frac 0.4: the peak rate up to 60% of the run, then the decay's shape down to min_lr."""
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, schedule=schedule, decay_frac=0.4)
+    assert lr_at(cfg, 4, 0.04) == pytest.approx(0.5)                     # warmup unchanged
+    assert lr_at(cfg, 30, 0.3) == lr_at(cfg, 60, 0.6) == pytest.approx(1.0)
+    shape = 0.75 if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * 0.25))  # a quarter into the decay
+    assert lr_at(cfg, 70, 0.7) == pytest.approx(0.1 + 0.9 * shape)
+    assert lr_at(cfg, 80, 0.8) == pytest.approx(0.55)                     # half-way: both shapes agree
+    assert lr_at(cfg, 100, 1.0) == pytest.approx(0.1)
+    rates = [lr_at(cfg, i, i / 100) for i in range(10, 101)]
+    assert rates == sorted(rates, reverse=True)
+
+
+@pytest.mark.parametrize("bad", [dict(schedule="step"), dict(decay_frac=0.0), dict(decay_frac=1.5)])
+def test_lr_schedule_bad_settings(bad):
+    with pytest.raises(ConfigError, match="schedule|decay_frac"):
+        TrainConfig(**bad).validate()
+
+
 def test_config_files_and_precedence(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('preset = "small"\nlr = 5e-4\nn_layer = 3\n[model]\ndropout = 0.2\n')
