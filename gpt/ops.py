@@ -38,14 +38,48 @@ def _decode_attention(q, k, v, scale: float | None):
     return (p @ v).reshape(B, H, 1, D)
 
 
+# Causal self-attention on the CPU up to this many positions runs as matmuls over blocks of query rows
+# (causal_matmul_attention) instead of SDPA's CPU flash kernel: measured on a 2-core AVX-512 CPU, the
+# CPU recipe's training step (B=16, H=2, T=256, D=64, bf16, compiled) takes ~15% less time.
+CPU_MATMUL_ATTENTION_MAX_T = 512
+_QUERY_BLOCK = 128
+
+
+def causal_matmul_attention(q, k, v, scale: float | None = None, block: int = _QUERY_BLOCK):
+    """Causal self-attention (Tq == Tk) as explicit matmuls and an fp32 softmax, the query rows taken
+    in blocks of `block` that each read only the keys up to their own last row: about (n+1)/2n of
+    the full T x T product for n blocks, where SDPA's CPU kernel does the masked half at low speed.
+    GQA: the query heads of a group ride along as extra rows of their K/V head."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    g = H // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    qg = q.view(B, Hkv, g, T, D) if q.is_contiguous() else q.reshape(B, Hkv, g, T, D)
+    rows = torch.arange(T, device=q.device)
+    out = []
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        qb = qg[:, :, :, start:end].reshape(B, Hkv, g * (end - start), D)
+        kb, vb = k[:, :, :end], v[:, :, :end]
+        scores = (qb @ kb.transpose(-1, -2)).float() * scale       # (B, Hkv, g * rows, end)
+        future = rows[None, :end] > rows[start:end, None]              # (rows, end): keys after the query
+        scores = scores.view(B, Hkv, g, end - start, end).masked_fill(future, float("-inf"))
+        p = torch.softmax(scores, dim=-1).to(v.dtype).view(B, Hkv, g * (end - start), end)
+        out.append((p @ vb).view(B, Hkv, g, end - start, D))
+    return torch.cat(out, dim=3).view(B, H, T, D)
+
+
 def sdpa_attention(q, k, v, causal: bool = True, scale: float | None = None):
-    """kernels.attention semantics on F.scaled_dot_product_attention (flash/efficient/CPU-fused backends)."""
+    """kernels.attention semantics on F.scaled_dot_product_attention (flash/efficient/CPU-fused
+    backends), or on blocked matmuls for short causal self-attention on the CPU."""
     Tq, Tk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if Tq == 1:
         # Decode. A query at the end sees every key, so no mask. Measured on CPU: SDPA on the strided
         # view of a preallocated KV cache takes ~100x longer than on contiguous K/V; matmuls don't care.
         return _decode_attention(q, k, v, scale)
+    if causal and Tq == Tk and Tq <= CPU_MATMUL_ATTENTION_MAX_T and q.device.type == "cpu":
+        return causal_matmul_attention(q, k, v, scale)
     if not k.is_contiguous() or not v.is_contiguous():
         k, v = k.contiguous(), v.contiguous()
     if not causal:

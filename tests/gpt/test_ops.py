@@ -6,7 +6,7 @@ import kernels
 from gpt import GPT, GPTConfig, ops
 from gpt.errors import ConfigError
 from kernels import KernelsUnavailable, reference
-from kernels.testing import assert_close_to_reference
+from kernels.testing import FWD_FACTOR, GRAD_FACTOR, assert_close_to_reference
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -61,6 +61,46 @@ def test_sdpa_attention_matches_reference(hq, hkv, tq, tk):
     q = torch.randn(2, hq, tq, 16)
     k, v = torch.randn(2, hkv, tk, 16), torch.randn(2, hkv, tk, 16)
     check("attention", ops.sdpa_attention, reference.attention, (q, k, v), factor=2.0)
+
+
+def _attention_and_grads(fn, q, k, v, do, dtype):
+    """fn's output and dq, dk, dv on copies of q, k, v cast to dtype."""
+    qr, kr, vr = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out = fn(qr, kr, vr)
+    out.backward(do.to(dtype))
+    return out.detach(), qr.grad, kr.grad, vr.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (3, 1)])
+@pytest.mark.parametrize("t,block", [(21, 8), (16, 8), (5, 8)])
+def test_causal_matmul_attention_matches_reference(dtype, hq, hkv, t, block):
+    """Query blocks of 8 over 21 positions (8, 8, then 5 rows), an exact multiple, and one partial
+    block; forward and every gradient, with the same-dtype reference's error as the baseline."""
+    q = torch.randn(2, t, hq, 24).transpose(1, 2).to(dtype)  # the model's strided layout
+    k, v = torch.randn(2, hkv, t, 24).to(dtype), torch.randn(2, hkv, t, 24).to(dtype)
+    do = torch.randn(2, hq, t, 24)
+    originals = [x.clone() for x in (q, k, v)]
+    got = _attention_and_grads(lambda *a: ops.causal_matmul_attention(*a, block=block), q, k, v, do, dtype)
+    want64 = _attention_and_grads(reference.attention, q, k, v, do, torch.float64)
+    same = _attention_and_grads(reference.attention, q, k, v, do, dtype)
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        assert got[i].dtype == dtype and got[i].shape == want64[i].shape
+        assert_close_to_reference(name, got[i], want64[i], same[i], FWD_FACTOR if i == 0 else GRAD_FACTOR)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), originals))
+
+
+def test_sdpa_attention_takes_blocked_matmuls_for_short_causal_cpu_attention(monkeypatch):
+    calls = []
+    real = ops.causal_matmul_attention
+    monkeypatch.setattr(ops, "causal_matmul_attention", lambda *a, **kw: calls.append(a[0].shape[2]) or real(*a, **kw))
+    limit = ops.CPU_MATMUL_ATTENTION_MAX_T
+    for t in (1, 7, limit, limit + 1):
+        q, k, v = torch.randn(1, 2, t, 8), torch.randn(1, 2, t, 8), torch.randn(1, 2, t, 8)
+        check("attention", ops.sdpa_attention, reference.attention, (q, k, v), factor=2.0)
+    ops.sdpa_attention(*(torch.randn(1, 2, 7, 8) for _ in range(3)), causal=False)  # not causal: SDPA
+    ops.sdpa_attention(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8))  # prefill: SDPA
+    assert calls == [7, limit]  # 1 is the decode path; above the limit SDPA's flash kernel wins
 
 
 def test_dispatch_rules(monkeypatch):
