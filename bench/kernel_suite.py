@@ -1,8 +1,9 @@
 """`kernels` suite: every op over a size sweep, per provider, as time, GB/s or TFLOP/s and % of the roofline.
 
 Providers: `triton` (ours: `kernels.<op>`, when the run times the Triton kernels, see --kernels), `torch`
-(kernels.reference, eager), `compile` (torch.compile of the reference), `sdpa` (attention only:
-F.scaled_dot_product_attention, the model's PyTorch path).
+(kernels.reference, eager), `compile` (torch.compile of the reference), `sdpa` (attention only: the
+model's PyTorch path, gpt.ops.sdpa_attention: F.scaled_dot_product_attention, or on a CPU blocked
+matmuls for causal self-attention of up to 512 positions).
 The roofline is this device's measured copy bandwidth and measured matmul peak (bench/timing.py), and
 bytes/FLOPs come from bench/roofline.py, the same formulas as the static GPU estimates.
 """
