@@ -54,7 +54,7 @@ def causal_matmul_attention(q, k, v, scale: float | None = None, block: int = _Q
     Hkv = k.shape[1]
     g = H // Hkv
     scale = D ** -0.5 if scale is None else scale
-    qg = q.view(B, Hkv, g, T, D) if q.is_contiguous() else q.reshape(B, Hkv, g, T, D)
+    qg = q.reshape(B, Hkv, g, T, D)  # a view, also of the model's (B, T, H, D) transposed layout
     rows = torch.arange(T, device=q.device)
     out = []
     for start in range(0, T, block):

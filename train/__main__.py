@@ -43,8 +43,8 @@ HELP = {
     "wandb_run_name": "W&B run name (with --log wandb; unset: the out dir's name). --resume continues the same "
                       "W&B run: its id is kept in OUT_DIR/wandb_run_id",
 }
-CHOICES = {"preset": list(PRESETS), "optimizer": list(OPTIMIZERS), "schedule": list(SCHEDULES), "kernels": list(KERNEL_MODES),
-           "parallel": list(PARALLEL_MODES)}
+CHOICES = {"preset": list(PRESETS), "optimizer": list(OPTIMIZERS), "schedule": list(SCHEDULES),
+           "kernels": list(KERNEL_MODES), "parallel": list(PARALLEL_MODES)}
 ALIASES = {"dataset": ["--data"], "gradient_checkpointing": ["--grad-checkpointing"]}
 
 
