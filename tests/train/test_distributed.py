@@ -202,8 +202,10 @@ def test_only_rank_0_writes_files(job):
     assert results["ddp_adamw"]["rank1_writes"] == []
     # Under FSDP, rank 1 writes its own shard of each sharded checkpoint and nothing else.
     writes = results["fsdp_adamw"]["rank1_writes"]
-    assert writes and all("ckpt_sharded/iter-" in w and ("__1_" in w or w.startswith("os.mkdir")) for w in writes), \
-        writes
+    # Either rank may be first to create the checkpoint folders (dcp.save makes them on every rank).
+    others = [w for w in writes if not (("ckpt_sharded/iter-" in w and "__1_" in w) or
+                                        (w.startswith("os.mkdir") and "ckpt_sharded" in w))]
+    assert writes and not others, f"rank 1 wrote {others} (all its writes: {writes})"
 
 
 def test_a_signal_on_one_rank_stops_both_at_the_same_step(root, job):
