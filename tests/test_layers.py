@@ -5,6 +5,7 @@ so a lazy import cannot hide an upward dependency), and at run time, importing e
 package in a fresh interpreter in which the packages above it cannot be imported.
 """
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,14 @@ def test_each_package_imports_with_the_layers_above_it_blocked(package):
     proc = subprocess.run([sys.executable, "-c", BLOCKER, package, *above], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == f"ok {package}", proc.stderr[-3000:]
+
+
+def test_the_packages_are_this_projects_from_any_directory(tmp_path):
+    """An installed distribution with one of the same import names (Hugging Face's `kernels`, which
+    transformers 5.25+ requires) would shadow ours outside the checkout: run from elsewhere, every
+    top-level package must still resolve here."""
+    code = "import importlib, json; print(json.dumps({n: importlib.import_module(n).__file__ for n in %r}))" % LAYERS
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = json.loads(out.stdout)
+    assert all(Path(f).resolve().is_relative_to(ROOT) for f in found.values()), found
