@@ -43,6 +43,7 @@ from bench import decode_suite, kernel_suite, plots  # noqa: E402
 from bench.common import RunContext, format_table, log, progress  # noqa: E402
 from bench.run import calibrate, kernel_modes, machine_info  # noqa: E402
 from gpt import create_model  # noqa: E402
+from gpt.cli import UNDERSCORE_NOTE, command_line_main  # noqa: E402
 from gpt.config import preset_config  # noqa: E402
 from gpt.errors import USER_ERRORS, ConfigError  # noqa: E402
 from gpt.runtime import resolve_device  # noqa: E402
@@ -251,8 +252,9 @@ def summary_rows(results: dict) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/gpu_check.py", description=__doc__.split("\n\n")[0],
+@command_line_main
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python bench/gpu_check.py", description=__doc__.split("\n\n")[0], epilog=UNDERSCORE_NOTE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true",
                    help="toy sizes on any device (what CI runs so the command cannot rot); not a GPU measurement")

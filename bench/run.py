@@ -30,6 +30,7 @@ from bench import decode_suite, dist_suite, kernel_suite, plots, static_suite, t
 from bench.common import RunContext, log, progress  # noqa: E402
 from bench.timing import measure_copy_bandwidth  # noqa: E402
 from gpt import ops  # noqa: E402
+from gpt.cli import UNDERSCORE_NOTE, command_line_main  # noqa: E402
 from gpt.config import PRESETS  # noqa: E402
 from gpt.errors import USER_ERRORS  # noqa: E402
 from gpt.runtime import (DTYPES, cpu_has_native_bf16, dtype_name, measure_matmul_flops, peak_flops,  # noqa: E402
@@ -41,7 +42,7 @@ SCHEMA = 1
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.split("\n\n")[0], epilog=UNDERSCORE_NOTE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="all",
                    help="comma-separated: kernels, train, decode, static, dist, or all (default: all)")
@@ -191,7 +192,8 @@ def kernel_modes(choice: str | None, device: torch.device) -> list[str]:
     return [ops.resolve(choice, device)]
 
 
-def main(argv=None) -> int:
+@command_line_main
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -12,14 +12,17 @@ import sys
 import torch
 
 from .checkpoint import load_model
+from .cli import UNDERSCORE_NOTE, command_line_main
 from .errors import USER_ERRORS
 from .hf import export_hf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gpt.export", description=__doc__.splitlines()[0])
+@command_line_main
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m gpt.export", description=__doc__.splitlines()[0],
+                                epilog=UNDERSCORE_NOTE)
     p.add_argument("--ckpt", default="out/ckpt.pt", help="the checkpoint to export (default: out/ckpt.pt)")
     p.add_argument("--out", required=True, help="the folder to write (created; files in it are replaced)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),

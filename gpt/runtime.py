@@ -8,7 +8,7 @@ import torch
 
 from kernels._runtime import dtype_name
 
-from .errors import ConfigError
+from .errors import ConfigError, option
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,9 +26,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError as e:
         raise ConfigError(f"unknown device {name!r} ({e}); use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but no CUDA GPU is visible; use --device cpu or auto")
+        raise ConfigError(f"device 'cuda' requested but no CUDA GPU is visible; use {option('device', 'cpu')} or "
+                          f"{option('device', 'auto')}")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu or auto")
+        raise ConfigError(f"device 'mps' requested but MPS is not available; use {option('device', 'cpu')} or "
+                          f"{option('device', 'auto')}")
     return device
 
 
@@ -51,7 +53,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ConfigError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
     dtype = DTYPES[name]
     if dtype == torch.float16 and device.type == "cpu":
-        raise ConfigError("float16 autocast on CPU is slow and imprecise; use --dtype bfloat16 or float32")
+        raise ConfigError(f"float16 autocast on CPU is slow and imprecise; use {option('dtype', 'bfloat16')} or "
+                          f"{option('dtype', 'float32')}")
     return dtype
 
 

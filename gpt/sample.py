@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import decode
+from .cli import UNDERSCORE_NOTE, command_line_main
 from .checkpoint import load_model
 from .errors import USER_ERRORS, ConfigError
 from .generate import Completion, check_sampling_value, generate_completions
@@ -289,23 +290,24 @@ def interactive(model, tokenizer, args, generator) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gpt.sample", description="Generate text from a checkpoint.")
+    p = argparse.ArgumentParser(prog="python -m gpt.sample", description="Generate text from a checkpoint.",
+                                epilog=UNDERSCORE_NOTE)
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by python -m train")
     p.add_argument("--prompt", default=None, help="text to continue (default: start from scratch)")
-    p.add_argument("--prompts-file", "--prompts_file", dest="prompts_file", default=None,
+    p.add_argument("--prompts-file", dest="prompts_file", default=None,
                    help="a text file of prompts, one per line (\\n inside a line is a newline; blank lines skipped)")
-    p.add_argument("--max-tokens", "--max_tokens", "--max-new-tokens", "--max_new_tokens", dest="max_tokens",
+    p.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens",
                    type=int, default=500, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=None, help="keep the k most likely tokens")
-    p.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=None, help="nucleus sampling mass")
-    p.add_argument("--min-p", "--min_p", dest="min_p", type=float, default=None,
+    p.add_argument("--top-k", dest="top_k", type=int, default=None, help="keep the k most likely tokens")
+    p.add_argument("--top-p", dest="top_p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--min-p", dest="min_p", type=float, default=None,
                    help="keep tokens whose probability is at least this times the top token's (0 = off)")
-    p.add_argument("--repetition-penalty", "--repetition_penalty", dest="repetition_penalty", type=float, default=1.0,
+    p.add_argument("--repetition-penalty", dest="repetition_penalty", type=float, default=1.0,
                    help="CTRL-style, over the prompt and the generated tokens: > 1 discourages repeats (1 = off)")
-    p.add_argument("--frequency-penalty", "--frequency_penalty", dest="frequency_penalty", type=float, default=0.0,
+    p.add_argument("--frequency-penalty", dest="frequency_penalty", type=float, default=0.0,
                    help="subtract this x (times the token was generated) from its logit; the prompt does not count")
-    p.add_argument("--presence-penalty", "--presence_penalty", dest="presence_penalty", type=float, default=0.0,
+    p.add_argument("--presence-penalty", dest="presence_penalty", type=float, default=0.0,
                    help="subtract this from the logit of every token generated so far; the prompt does not count")
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="end a sample where this text appears, cut before it (repeatable; \\n for a newline)")
@@ -318,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Triton kernels or PyTorch ops (auto: Triton on CUDA); whatever the model trained with")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="also load checkpoints that need pickle (older formats); this can run code in the file")
-    p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=1,
+    p.add_argument("--num-samples", dest="num_samples", type=int, default=1,
                    help="samples per prompt, generated together in one batch")
     p.add_argument("--no-cache", action="store_true", help="recompute the context each step (slow; for checking)")
     p.add_argument("--compile", dest="compile", action="store_const", const="always", default="auto",
@@ -355,7 +357,8 @@ def check_args(args) -> list[str]:
     return [args.prompt or ""]
 
 
-def main(argv=None) -> int:
+@command_line_main
+def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         texts = check_args(args)

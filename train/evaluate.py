@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.checkpoint import load_model
+from gpt.cli import UNDERSCORE_NOTE, command_line_main
 from gpt.errors import CheckpointError, ConfigError
 from gpt.ops import KERNEL_MODES
 from gpt.quantize import quantize_int8
@@ -57,7 +58,7 @@ def split_loss(model, tokens: np.ndarray, batch_size: int, device: torch.device,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate",
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", epilog=UNDERSCORE_NOTE,
                                 description="Loss of a checkpoint on a whole split of its dataset.")
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by python -m train")
     p.add_argument("--split", default="val", choices=("train", "val"))
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+@command_line_main
+def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.batch_size < 1:

@@ -11,7 +11,7 @@ import torch
 
 from gpt import GPT, GPTConfig, load_model
 from gpt.checkpoint import read_checkpoint
-from gpt.errors import CheckpointError
+from gpt.errors import CheckpointError, ConfigError
 from gpt.tokenizer import CharTokenizer
 from train.checkpoint import rng_state, save_checkpoint, set_rng_state
 
@@ -40,8 +40,9 @@ def test_a_checkpoint_with_a_pickle_payload_is_refused_and_runs_nothing(tmp_path
     marker = tmp_path / "pwned"
     _, state = _model_state()
     torch.save({**state, "extra": Payload(marker)}, tmp_path / "evil.pt")
+    # From Python the hint names the argument; the CLIs below name their flag.
     with pytest.raises(CheckpointError, match="only pickle can load .* refused. If you trust the file, pass "
-                                              "--trust-checkpoint"):
+                                              "trust=True"):
         read_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -74,7 +75,7 @@ def test_an_older_checkpoint_loads_only_when_trusted_and_drops_runtime_fields(tm
                                                           "gradient_checkpointing": False},
            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
     torch.save(old, tmp_path / "old.pt")
-    with pytest.raises(CheckpointError, match="--trust-checkpoint"):
+    with pytest.raises(CheckpointError, match="trust=True"):
         load_model(tmp_path / "old.pt")
     loaded, tok, ck = load_model(tmp_path / "old.pt", kernels="torch", trust=True)
     err = capsys.readouterr().err
@@ -91,3 +92,18 @@ def test_weights_that_do_not_fit_their_config_are_a_clear_error(tmp_path):
     save_checkpoint({**state, "model_config": {**state["model_config"], "n_embd": 32}}, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="the weights do not fit its model config"):
         load_model(tmp_path / "bad.pt")
+
+
+def test_error_hints_name_the_argument_from_python_and_the_flag_from_a_command_line(tmp_path):
+    from gpt.errors import command_line
+    from gpt.runtime import resolve_dtype
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "ckpt.pt")
+    assert "or give the path of an existing one" in str(e.value) and "--ckpt" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"use dtype='bfloat16' or dtype='float32'"):
+        resolve_dtype("float16", torch.device("cpu"))
+    with command_line():
+        with pytest.raises(CheckpointError, match=r"or pass --ckpt PATH\)"):
+            load_model(tmp_path / "ckpt.pt")
+        with pytest.raises(ConfigError, match="use --dtype bfloat16 or --dtype float32"):
+            resolve_dtype("float16", torch.device("cpu"))
