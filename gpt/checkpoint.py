@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import GPTConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, option, under_command_line
 from .model import GPT
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
@@ -38,12 +38,14 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
 
 
-def read_checkpoint(path: str | Path, map_location="cpu", trust: bool = False) -> dict:
+def read_checkpoint(path: str | Path, map_location="cpu", trust: bool = False, mmap: bool = False) -> dict:
     """The checkpoint dict at `path`, sanity-checked; any problem is a CheckpointError naming the file and
-    the fix. trust=True also reads files that need pickle (only for files you trust: pickle runs code)."""
+    the fix. trust=True also reads files that need pickle (only for files you trust: pickle runs code).
+    mmap=True maps the tensors instead of reading them (cheap when only the plain values are wanted)."""
     path = Path(path)
     if not path.exists():
-        hint = " (train one with `python -m train`, or pass --ckpt PATH)" if path.suffix == ".pt" else ""
+        other = "pass --ckpt PATH" if under_command_line() else "give the path of an existing one"
+        hint = f" (train one with `python -m train`, or {other})" if path.suffix == ".pt" else ""
         if (path.parent / SHARDED_DIR).is_dir():
             hint = (f": that run saved sharded (FSDP) checkpoints in {path.parent / SHARDED_DIR}; write the "
                     f"single file with `python -m train.consolidate {path.parent}`")
@@ -54,10 +56,10 @@ def read_checkpoint(path: str | Path, map_location="cpu", trust: bool = False) -
         raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint (not the zip archive torch.save "
                               f"writes); use another file or retrain")
     if trust:
-        print(f"warning: loading {path} with pickle (--trust-checkpoint): this can run code stored in the "
+        print(f"warning: loading {path} with pickle ({option('trust', True, flag='--trust-checkpoint')}): this can run code stored in the "
               f"file; only do it for files you trust", file=sys.stderr)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=not trust)
+        state = torch.load(path, map_location=map_location, weights_only=not trust, mmap=mmap)
     except pickle.UnpicklingError as e:
         if trust:
             raise CheckpointError(f"checkpoint {path} is corrupt ({_first_line(e)}); use another file or "
@@ -65,7 +67,7 @@ def read_checkpoint(path: str | Path, map_location="cpu", trust: bool = False) -
         # weights_only refuses any object outside tensors and plain values, before building it.
         raise CheckpointError(f"checkpoint {path} holds objects that only pickle can load (an older tritongpt "
                               f"format, or a file from elsewhere), and loading those can run code: refused. If "
-                              f"you trust the file, pass --trust-checkpoint") from None
+                              f"you trust the file, pass {option('trust', True, flag='--trust-checkpoint')}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, ImportError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({_first_line(e)}); "
                               f"use another file or retrain") from None

@@ -36,6 +36,7 @@ from kernels import reference
 
 from .config import GPTConfig
 from .errors import CheckpointError, ConfigError
+from .files import atomic_path, atomic_write_text
 from .model import GPT
 from .optional import import_optional
 from .tokenizer import BPETokenizer, Tokenizer, tokenizer_from_dict
@@ -175,17 +176,18 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path, dtype: torc
     weights = {k: v.to(dtype) for k, v in to_hf_state_dict(model).items()}  # checks the config first
     out.mkdir(parents=True, exist_ok=True)
     c = model.config
-    _safetensors().save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(llama_config(c, tokenizer.eot_id, dtype), indent=2))
+    with atomic_path(out / "model.safetensors") as tmp:  # safetensors itself would leave the file 0600
+        _safetensors().save_file(weights, str(tmp), metadata={"format": "pt"})
+    atomic_write_text(out / "config.json", json.dumps(llama_config(c, tokenizer.eot_id, dtype), indent=2))
     generation = {"bos_token_id": None, "eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.eot_id}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    atomic_write_text(out / "generation_config.json", json.dumps(generation, indent=2))
     for name, text in tokenizer_files(tokenizer, c.block_size).items():
-        (out / name).write_text(text, encoding="utf-8")
+        atomic_write_text(out / name, text)
     tok = tokenizer.to_dict()
     if tok["kind"] == "bpe":
         tok = {k: v for k, v in tok.items() if k != "json"}  # it is tokenizer.json
-    (out / SIDECAR).write_text(json.dumps({"format": SIDECAR_FORMAT, "model_config": c.to_dict(),
-                                           "tokenizer": tok}, indent=2))
+    atomic_write_text(out / SIDECAR, json.dumps({"format": SIDECAR_FORMAT, "model_config": c.to_dict(),
+                                                 "tokenizer": tok}, indent=2))
     return out
 
 

