@@ -1,7 +1,7 @@
 """`decode` suite: generation tokens/sec, per-token latency and the fraction of the memory roofline, eager vs
-compiled (gpt/decode.py) vs compiled with int8 weights.
+compiled (gpt/generation/compiled.py) vs compiled with int8 weights.
 
-Generation is gpt.generate.generate_stream, greedy (temperature 0: no sampling noise), from a random
+Generation is gpt.generation.generate_stream, greedy (temperature 0: no sampling noise), from a random
 16-token prompt, with the weights in bf16 (how `python -m gpt.sample` serves them) and bf16 compute.
 Modes, each at batch 1 and 8:
 - eager: the eager decoder with its KV cache (plus, at batch 1, recomputing the window every step);
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from gpt import GPT, create_model, decode
+from gpt import GPT, create_model
 from gpt.config import PRESETS
-from gpt.generate import generate_stream
+from gpt.generation import compiled, generate_stream
 from gpt.quantize import Int8Linear, quantize_int8, weight_nbytes
 from gpt.runtime import dtype_name
 
@@ -96,9 +96,9 @@ def generation(preset: str, model, dtype, ctx: RunContext, new_tokens: int, batc
         idx = torch.randint(0, vocab, (batch, PROMPT_LEN), device=ctx.device)
         for use_cache in (True, False) if (no_cache and not compile and batch == 1) else (True,):
             progress(f"[decode] {preset} {mode} batch={batch} cache={use_cache} {new_tokens} tokens")
-            since = len(decode.compile_log)
+            since = len(compiled.compile_log)
             _token_times(model, idx, 2, use_cache, dtype, ctx.device, compile)  # warm-up (and compilation)
-            compile_s = sum(e.seconds for e in decode.compile_log[since:])
+            compile_s = sum(e.seconds for e in compiled.compile_log[since:])
             times = _token_times(model, idx, new_tokens, use_cache, dtype, ctx.device, compile)
             steps = times[1:] or times
             total = sum(times)

@@ -210,7 +210,7 @@ def decode_both_paths(plan: Plan, ctx: RunContext) -> list[dict]:
             dtype = torch.float32
         recs = decode_suite.generation(plan.decode_preset, model, dtype, ctx, plan.decode_tokens,
                                        batches=plan.decode_batches, no_cache=False)
-        if ctx.device.type == "cuda":   # the compiled step as one CUDA graph (gpt/decode.py)
+        if ctx.device.type == "cuda":   # the compiled step as one CUDA graph (gpt/generation/compiled.py)
             recs += decode_suite.generation(plan.decode_preset, model, dtype, ctx, plan.decode_tokens,
                                             batches=plan.decode_batches, mode="compiled")
         for r in recs:

@@ -27,6 +27,12 @@ class CheckpointError(RuntimeError):
 
 USER_ERRORS = (ConfigError, CheckpointError, KernelsUnavailable)
 
+
+class GPTWarning(UserWarning):
+    """Something this project tells its user (once): a slower path taken and why. The sampler prints these
+    as its own messages, apart from other libraries' warnings."""
+
+
 # Whether the code raising an error runs under one of the command-line tools (set by their main()).
 _UNDER_CLI = contextvars.ContextVar("tritongpt_under_cli", default=False)
 _UNSET = object()
@@ -55,4 +61,5 @@ def option(name: str, value=_UNSET, flag: str | None = None) -> str:
         return text if value is _UNSET or value is True else f"{text} {value}"
     return name if value is _UNSET else f"{name}={value!r}"
 
-__all__ = ["ConfigError", "CheckpointError", "KernelsUnavailable", "USER_ERRORS", "command_line", "option", "under_command_line"]
+__all__ = ["ConfigError", "CheckpointError", "GPTWarning", "KernelsUnavailable", "USER_ERRORS", "command_line",
+           "option", "under_command_line"]

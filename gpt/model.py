@@ -12,9 +12,9 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import KernelsUnavailable
 
-from . import ops
 from .config import GPTConfig, preset_config
-from .generate import generate
+from .generation.api import generate
+from .ops import check_mode, select as select_ops
 
 
 def rope_table(block_size: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +131,7 @@ class GPT(nn.Module):
     # -- kernels: a run-time choice, resolved per device --------------------------------------------
     def use_kernels(self, mode: str) -> "GPT":
         """Run the hot ops with `mode` ("auto" | "triton" | "torch") from now on; returns the model."""
-        self.kernels = ops.check_mode(mode)
+        self.kernels = check_mode(mode)
         self._bind_ops()
         return self
 
@@ -139,7 +139,7 @@ class GPT(nn.Module):
         # 'triton' on a device where it cannot run is not an error until the model runs there: it may
         # be built on the CPU and moved to a GPU next.
         try:
-            self.ops, self._ops_error = ops.select(self.kernels, self.wte.weight.device), None
+            self.ops, self._ops_error = select_ops(self.kernels, self.wte.weight.device), None
         except KernelsUnavailable as e:
             self.ops, self._ops_error = None, str(e)
 
@@ -218,7 +218,7 @@ class GPT(nn.Module):
         """Final normed hidden states (B, T, C) of token ids idx (B, T); with a KV cache, idx are the
         tokens at the cache's next T positions, and the cache advances by T. A cache says which
         positions those are (`rope`: their rows of the RoPE tables) and how attention reads it
-        (`attend`); gpt/generate.py's KVCache and gpt/decode.py's static cache views do."""
+        (`attend`); gpt/generation/cache.py's KVCache and the static cache's views do."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         if idx.dtype not in (torch.int64, torch.int32):
@@ -259,14 +259,15 @@ class GPT(nn.Module):
                  dtype: torch.dtype | str | None = None, *, min_p: float | None = None,
                  repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                  eot_id: int | None = None, compile: bool = False) -> torch.Tensor:
-        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens). See gpt/generate.py.
+        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens). See gpt/generation/.
 
         temperature 0 is greedy; top_k, top_p, min_p filter; repetition_penalty (CTRL: over the prompt and
         the generated tokens), frequency_penalty and presence_penalty (OpenAI: over the generated tokens
         only). eot_id: a row ends when it samples this token and is padded with it from then on; the
         result is shorter once every row has ended. Stop strings, several samples per prompt and prompts
-        of different lengths: `gpt.generate.generate_completions`. compile: compiled static-shape decoding
-        (gpt/decode.py): the same tokens up to rounding, faster after a one-time compilation.
+        of different lengths: `gpt.generation.generate_completions`. compile: compiled static-shape
+        decoding (gpt/generation/compiled.py): the same tokens up to rounding, faster after a one-time
+        compilation.
         """
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         generator=generator, use_cache=use_cache, dtype=dtype, min_p=min_p,

@@ -22,7 +22,7 @@ import kernels
 from kernels import KernelsUnavailable, reference
 from kernels._runtime import triton_unavailable_reason
 
-from .errors import ConfigError
+from .errors import ConfigError, GPTWarning
 
 KERNEL_MODES = ("auto", "triton", "torch")
 
@@ -145,7 +145,7 @@ _WARNED: set = set()
 def _warn_once(msg: str) -> None:
     if msg not in _WARNED:
         _WARNED.add(msg)
-        warnings.warn(msg, stacklevel=3)
+        warnings.warn(msg, GPTWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)

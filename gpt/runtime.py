@@ -58,6 +58,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def resolve_compute_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """The compute dtype of a `dtype` argument: None is float32, a name is `resolve_dtype`'s ('auto' for
+    the device's fastest), a torch.dtype is itself."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        return resolve_dtype(dtype, device)
+    return dtype
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed-precision context: weights stay fp32, matmuls run in `dtype` (nothing for float32)."""
     if dtype == torch.float32:

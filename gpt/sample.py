@@ -2,21 +2,47 @@
 
 One prompt and one sample: the text is streamed as it is generated. Several (--num-samples N, a
 --prompts-file): every prompt x sample is generated in batches (one batch per prompt token length,
-see gpt/generate.py) and each is printed under a `--- prompt P, sample S ---` line, in order.
+see gpt/generation/api.py) and each is printed under a `--- prompt P, sample S ---` line, in order.
+
+The screen shows the model's text (stdout) and the sampler's own messages (stderr, and the interactive
+commands' replies on stdout) only, each message on a line of its own (`Screen`). What other libraries
+print while the sampler runs, PyTorch's log records and warnings, inductor's compile and autotuning
+output, goes to a log file instead, gpt-sample-PID.log in the temp directory (`LibraryLog`; one line
+names it, once something is in it).
+
+Interactive mode compiles prefill for one shape, the prompt padded to block_size (`prefill_pad="block"`,
+gpt/generation/compiled.py), so the compilation of the first turn covers every context the session can
+reach, the re-prefill past block_size included: with the default prompt-length buckets every new bucket
+(32, 64, ... tokens) stopped the conversation to compile again. Measured on a 2-core CPU with the
+0.86M-parameter recipe model (block_size 256, bf16), four turns of 100 tokens, a cold inductor cache:
+before, the first turn took 68 s (prefill 32 s, step 35 s) and the next three 9.7, 14.6 and 5.5 s, nearly
+all of it compiling prefill buckets (0.7-1.6 s with a warm cache); now the first turn takes 67 s (prefill
+28 s, step 38 s) and every later turn under 0.1 s, the prefill over 256 positions included. The simpler
+of the two ways: prefilling only a turn's new tokens at an offset would also keep one shape, but needs a
+chunked prefill with its own masking, and still re-prefills the whole window past block_size. What
+still compiles again in a session: a change of which sampling steps run (/topk, /topp, /minp turned on
+or off, a penalty turned on or off), once per combination; new values (/temp 0.5) do not.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
+import os
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-from . import decode
 from .cli import UNDERSCORE_NOTE, command_line_main
 from .checkpoint import load_model
-from .errors import USER_ERRORS, ConfigError
-from .generate import Completion, check_sampling_value, generate_completions
+from .errors import USER_ERRORS, ConfigError, GPTWarning
+from .generation import compiled
+from .generation.api import Completion, generate_completions
+from .generation.sampling import check_sampling_value
 from .ops import KERNEL_MODES
 from .quantize import quantize_int8, weight_nbytes
 from .runtime import dtype_name, resolve_device, resolve_dtype
@@ -32,7 +58,7 @@ INTERACTIVE_HELP = """commands:
   /quit       exit (or Ctrl-D)
 Anything else is appended to the session text and the model continues it."""
 
-# Interactive command -> (the setting in args, its type); sampling settings are checked by gpt.generate's rules.
+# Interactive command -> (the setting in args, its type); sampling settings are checked by gpt.generation's rules.
 COMMANDS = {"/temp": ("temperature", float), "/topk": ("top_k", int), "/topp": ("top_p", float),
             "/minp": ("min_p", float), "/rep": ("repetition_penalty", float), "/freq": ("frequency_penalty", float),
             "/pres": ("presence_penalty", float), "/tokens": ("max_tokens", int)}
@@ -83,6 +109,119 @@ def held_back(text: str, stops) -> int:
                 n = k
                 break
     return n
+
+
+def _same_file(a, b) -> bool:
+    """Whether two streams reach one file (a terminal, or one pipe: `2>&1`); True where that cannot be told
+    (a StringIO, a test's capture)."""
+    try:
+        sa, sb = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (AttributeError, OSError, ValueError):     # io.UnsupportedOperation is an OSError and a ValueError
+        return True
+    return (sa.st_dev, sa.st_ino, sa.st_rdev) == (sb.st_dev, sb.st_ino, sb.st_rdev)
+
+
+class Screen:
+    """Where the sampler writes: the model's text to `out` (stdout; `write`, so a Screen is a text stream)
+    and its own messages to `err` (stderr) or `out`, every message starting on a line of its own: after
+    text that did not end with a newline, a message on the same file starts with one."""
+
+    def __init__(self, out=None, err=None):
+        self.out = out if out is not None else sys.stdout
+        self.err = err if err is not None else sys.stderr
+        self.shared = _same_file(self.out, self.err)
+        self.at_line_start = True         # whether the text on `out` ends with a newline (or there is none)
+
+    def write(self, text: str) -> int:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+            self.at_line_start = text.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def message(self, text: str, to_out: bool = False) -> None:
+        """One message, on lines of its own, to stderr (or stdout: the interactive commands' replies)."""
+        stream = self.out if to_out else self.err
+        (self.err if to_out else self.out).flush()           # what came before it comes out before it
+        newline = not self.at_line_start and (to_out or self.shared)
+        stream.write(("\n" if newline else "") + text + "\n")
+        stream.flush()
+        if to_out or self.shared:
+            self.at_line_start = True
+
+    def ask(self, prompt: str) -> str:
+        """input(prompt): on a terminal the typed line ends with the user's Enter; read from a pipe, the
+        prompt is the last thing on the line."""
+        self.err.flush()
+        try:
+            return input(prompt)
+        finally:
+            try:
+                self.at_line_start = sys.stdin.isatty()
+            except (AttributeError, OSError, ValueError):      # no stdin, or a closed one
+                self.at_line_start = False
+
+
+def log_path() -> Path:
+    """Where the sampler's process puts other libraries' output: `gpt-sample-PID.log` in the temp dir."""
+    return Path(tempfile.gettempdir()) / f"gpt-sample-{os.getpid()}.log"
+
+
+class LibraryLog(io.TextIOBase):
+    """A text stream to a log file, opened (and created) on the first write. While `capture()` runs, it is
+    sys.stderr, which catches PyTorch's log records (its handlers write to the current sys.stderr), what
+    inductor writes there directly, and the Python warnings of other libraries; this project's own
+    warnings (`GPTWarning`) are the sampler's messages and go to the screen."""
+
+    def __init__(self, path: Path, screen: Screen):
+        self.path, self.screen = Path(path), screen
+        self.file = None
+        self.announced = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if text:
+            if self.file is None:
+                self.file = open(self.path, "a", encoding="utf-8")
+            self.file.write(text)
+            self.file.flush()
+        return len(text)
+
+    def _show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, GPTWarning):
+            self.screen.message(f"warning: {message}")
+        else:
+            self.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    @contextlib.contextmanager
+    def warnings_routed(self):
+        """Python warnings while the block runs: this project's on the screen, other libraries' to the file."""
+        with warnings.catch_warnings():
+            warnings.showwarning = self._show_warning
+            yield
+
+    @contextlib.contextmanager
+    def capture(self):
+        """sys.stderr is the log file while the block runs (the block must not print messages to
+        sys.stderr: they go through the screen, whose stderr is the real one)."""
+        with self.warnings_routed(), contextlib.redirect_stderr(self):
+            yield
+
+    def announce(self) -> None:
+        """Say where the log file is, once, when something has been written to it."""
+        if self.file is not None and not self.announced:
+            self.announced = True
+            self.screen.message(f"(library warnings and compiler logs: {self.path})")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        super().close()
 
 
 class Streamer:
@@ -139,7 +278,7 @@ def sampling_kwargs(args) -> dict:
 
 
 # --compile auto: compile in interactive mode, or when at least this many tokens are asked for in all.
-# Compiling costs 35-60 s on a 2-core CPU with a cold cache (docs/decoding.md), a little less than
+# Compiling costs 35-60 s on a 2-core CPU with a cold cache (docs/generation.md), a little less than
 # eager decoding of ~2,000 tokens of the small preset takes.
 COMPILE_MIN_TOKENS = 2000
 
@@ -151,20 +290,22 @@ def use_compile(args, n_prompts: int = 1) -> bool:
     return args.compile == "always" or args.interactive or total >= COMPILE_MIN_TOKENS
 
 
-def report_compiles(since: int) -> None:
-    """One stderr line for the compilations since compile_log[since] (what, and how long)."""
-    new = decode.compile_log[since:]
+def report_compiles(since: int, screen: Screen | None = None) -> None:
+    """One message for the compilations since compile_log[since] (what, and how long)."""
+    new = compiled.compile_log[since:]
     if new:
-        parts = [f"{e.kind} (batch {e.batch}" + (f", {e.length}-token bucket" if e.kind == "prefill" else "")
+        parts = [f"{e.kind} (batch {e.batch}" + (f", {e.length} tokens" if e.kind == "prefill" else "")
                  + f") in {e.seconds:.1f} s" for e in new]
-        print(f"compiled {', '.join(parts)}; reused for the rest of the session (--no-compile: eager decoding)",
-              file=sys.stderr)
+        (screen or Screen()).message(f"compiled {', '.join(parts)}; reused for the rest of the session "
+                                     f"(--no-compile: eager decoding)")
 
 
 def _generation_kwargs(tokenizer, args, generator) -> dict:
+    # Interactive: prefill compiled once for every context length the session reaches (module docstring).
     return dict(tokenizer=tokenizer, stop=args.stop, eot_id=None if args.ignore_eot else tokenizer.eot_id,
                 generator=generator, use_cache=not args.no_cache, dtype=args.compute_dtype,
-                compile=getattr(args, "use_compile", False), **sampling_kwargs(args))
+                compile=getattr(args, "use_compile", False), prefill_pad="block" if args.interactive else "bucket",
+                **sampling_kwargs(args))
 
 
 def complete(model, tokenizer, ids: list[int], args, generator, out=None) -> Completion:
@@ -215,40 +356,44 @@ def show_settings(args, history: list[int]) -> str:
             f"tokens={args.max_tokens} history={len(history)} tokens")
 
 
-def interactive(model, tokenizer, args, generator) -> None:
-    print("interactive mode: type text and press Enter; /help for commands, Ctrl-D to quit", file=sys.stderr)
+def interactive(model, tokenizer, args, generator, screen: Screen | None = None,
+                log: LibraryLog | None = None) -> None:
+    screen = screen or Screen()
+    log = log or LibraryLog(log_path(), screen)
+    say = functools.partial(screen.message, to_out=True)     # the commands' replies, on stdout
+    screen.message("interactive mode: type text and press Enter; /help for commands, Ctrl-D to quit")
     history: list[int] = []
     while True:
         try:
-            line = input("\n> ")
+            line = screen.ask("\n> ")
         except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
+            print(file=screen.err)
             return
         cmd, _, arg = line.strip().partition(" ")
         try:
             if cmd in ("/quit", "/exit"):
                 return
             if cmd == "/help":
-                print(INTERACTIVE_HELP)
+                say(INTERACTIVE_HELP)
                 continue
             if cmd == "/reset":
                 history = []
-                print("(session cleared)")
+                say("(session cleared)")
                 continue
             if cmd == "/show":
-                print(show_settings(args, history))
+                say(show_settings(args, history))
                 continue
             if cmd == "/stop":
                 # The text after "/stop " as typed (leading spaces included), escapes interpreted.
                 text = unescape(line.lstrip()[len("/stop "):]) if line.strip() != "/stop" else ""
                 args.stop = [*args.stop, text] if text else []
-                print(f"(stop = {' '.join(repr(s) for s in args.stop) or 'none'})")
+                say(f"(stop = {' '.join(repr(s) for s in args.stop) or 'none'})")
                 continue
             if cmd == "/eot":
                 if arg not in ("on", "off"):
                     raise ConfigError(f"/eot: say on or off, got {arg!r}")
                 args.ignore_eot = arg == "off"
-                print(f"(eot = {arg})")
+                say(f"(eot = {arg})")
                 continue
             if cmd in COMMANDS:
                 name, kind = COMMANDS[cmd]
@@ -263,30 +408,32 @@ def interactive(model, tokenizer, args, generator) -> None:
                 else:
                     check_sampling_value(name, value, cmd)
                 setattr(args, name, value)
-                print(f"({cmd[1:]} = {value})")
+                say(f"({cmd[1:]} = {value})")
                 continue
             if cmd.startswith("/"):
-                print(f"unknown command {cmd}; /help lists them")
+                say(f"unknown command {cmd}; /help lists them")
                 continue
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
+            screen.message(f"error: {e}")
             continue
         text = line + "\n" if line else ""
         try:
             new = encode_prompt(tokenizer, text) if text else ([] if history else encode_prompt(tokenizer, ""))
         except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
+            screen.message(f"error: {e}")
             continue
         history += new
-        since = len(decode.compile_log)
+        since = len(compiled.compile_log)
         try:
-            c = complete(model, tokenizer, history, args, generator)
-            report_compiles(since)
+            with log.capture():
+                c = complete(model, tokenizer, history, args, generator, screen)
             history += c.ids
+            report_compiles(since, screen)
+            log.announce()
             if c.finish_reason == "eot":
-                print("\n(end of text)", file=sys.stderr)
+                screen.message("(end of text)")
         except KeyboardInterrupt:
-            print("\n(generation stopped)", file=sys.stderr)
+            screen.message("(generation stopped)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,9 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per prompt, generated together in one batch")
     p.add_argument("--no-cache", action="store_true", help="recompute the context each step (slow; for checking)")
     p.add_argument("--compile", dest="compile", action="store_const", const="always", default="auto",
-                   help="compile prefill and the decode step (gpt/decode.py): much faster per token after a "
-                        f"one-time compilation; default: when generating >= {COMPILE_MIN_TOKENS} tokens in all or "
-                        "interactively")
+                   help="compile prefill and the decode step (gpt/generation/compiled.py): much faster per token "
+                        f"after a one-time compilation; default: when generating >= {COMPILE_MIN_TOKENS} tokens in "
+                        "all or interactively")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="never",
                    help="decode eagerly (no compilation)")
     p.add_argument("--interactive", action="store_true", help="a prompt loop; /help lists commands")
@@ -360,39 +507,49 @@ def check_args(args) -> list[str]:
 @command_line_main
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    screen = Screen()
+    log = LibraryLog(log_path(), screen)
     try:
-        texts = check_args(args)
-        device = resolve_device(args.device)
-        args.compute_dtype = resolve_dtype(args.dtype, device)
-        # Decoding reads every weight once per token: store them in the compute dtype (half the bytes in bf16).
-        model, tokenizer, _ = load_model(args.ckpt, device, args.compute_dtype, args.kernels, args.trust_checkpoint)
-        kernels_used = model.kernels_in_use()   # 'triton' where it cannot run: one clear line, before any work
-        generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-        print(f"loaded {args.ckpt}: {model.num_params():,} params, {tokenizer.kind} tokenizer, "
-              f"{device} {dtype_name(args.compute_dtype)}, kernels {args.kernels} -> {kernels_used}",
-              file=sys.stderr)
-        if args.quantize == "int8":
-            before = weight_nbytes(model)
-            quantize_int8(model)
-            print(f"quantized the linear layers to int8: weights {before / 1e6:.2f} MB "
-                  f"({dtype_name(args.compute_dtype)}) -> {weight_nbytes(model) / 1e6:.2f} MB", file=sys.stderr)
-        args.use_compile = use_compile(args, len(texts))
-        if args.use_compile:
-            print("compiling prefill and the decode step on first use (once per session, up to a minute on a "
-                  "small CPU; --no-compile to skip)", file=sys.stderr)
-        if args.interactive:
-            interactive(model, tokenizer, args, generator)
-            return 0
-        since = len(decode.compile_log)
-        sample_all(model, tokenizer, texts, args, generator)
-        report_compiles(since)
-        return 0
+        with log.warnings_routed():
+            return _run(args, screen, log)
     except KeyboardInterrupt:
-        print(file=sys.stderr)
+        print(file=screen.err)
         return 130
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        screen.message(f"error: {e}")
         return 2
+    finally:
+        log.close()
+
+
+def _run(args, screen: Screen, log: LibraryLog) -> int:
+    texts = check_args(args)
+    device = resolve_device(args.device)
+    args.compute_dtype = resolve_dtype(args.dtype, device)
+    # Decoding reads every weight once per token: store them in the compute dtype (half the bytes in bf16).
+    model, tokenizer, _ = load_model(args.ckpt, device, args.compute_dtype, args.kernels, args.trust_checkpoint)
+    kernels_used = model.kernels_in_use()   # 'triton' where it cannot run: one clear line, before any work
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    screen.message(f"loaded {args.ckpt}: {model.num_params():,} params, {tokenizer.kind} tokenizer, "
+                   f"{device} {dtype_name(args.compute_dtype)}, kernels {args.kernels} -> {kernels_used}")
+    if args.quantize == "int8":
+        before = weight_nbytes(model)
+        quantize_int8(model)
+        screen.message(f"quantized the linear layers to int8: weights {before / 1e6:.2f} MB "
+                       f"({dtype_name(args.compute_dtype)}) -> {weight_nbytes(model) / 1e6:.2f} MB")
+    args.use_compile = use_compile(args, len(texts))
+    if args.use_compile:
+        screen.message("compiling prefill and the decode step on first use (once per session, up to a minute on a "
+                       "small CPU; --no-compile to skip)")
+    if args.interactive:
+        interactive(model, tokenizer, args, generator, screen, log)
+        return 0
+    since = len(compiled.compile_log)
+    with log.capture():
+        sample_all(model, tokenizer, texts, args, generator, screen)
+    report_compiles(since, screen)
+    log.announce()
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ pytest.importorskip("pytest_benchmark")
 pytestmark = pytest.mark.micro
 
 from gpt import create_model
-from gpt.generate import KVCache
+from gpt.generation import KVCache
 from gpt.model import rope_table
 from gpt.ops import sdpa_attention
 from kernels import reference

@@ -1,13 +1,14 @@
-"""Compiled static-shape decoding (gpt/decode.py): the same tokens as the eager decoder, prefill buckets,
+"""Compiled static-shape decoding (gpt/generation/compiled.py): the same tokens as the eager decoder, prefill buckets,
 the masked decode attention, the exponential-race draw, and the fallbacks where compilation fails."""
 import warnings
 
 import pytest
 import torch
 
-from gpt import GPT, GPTConfig, decode, ops
-from gpt.decode import CompiledDecoder, compile_unavailable_reason, make_decoder, prefill_bucket
-from gpt.generate import Decoder, SamplingConfig, generate, race
+from gpt import GPT, GPTConfig, ops
+from gpt.errors import ConfigError
+from gpt.generation import (CompiledDecoder, Decoder, SamplingConfig, compile_unavailable_reason, compiled,
+                            generate, make_decoder, prefill, prefill_bucket, prefill_length, race)
 from gpt.ops import torch_decode_attention
 from gpt.quantize import quantize_int8
 from kernels import reference
@@ -32,17 +33,42 @@ def run(dec, n):
         return torch.cat([dec.step() for _ in range(n)], dim=1)
 
 
+@pytest.mark.parametrize("pad", ["bucket", "block"])
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("n_kv_head", [4, 1], ids=["MHA", "MQA"])
-def test_static_decoder_gives_the_eager_decoders_tokens(setting, n_kv_head):
+def test_static_decoder_gives_the_eager_decoders_tokens(setting, n_kv_head, pad):
     """Uncompiled static path against the eager one, past block_size (two re-prefills) at batch 3: the
-    same functions compile, so this pins the static-shape logic (masking, buckets, positions, state)."""
+    same functions compile, so this pins the static-shape logic (masking, buckets or prompts padded to
+    block_size, positions, state)."""
     model = tiny(block_size=16, n_kv_head=n_kv_head)
     idx = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(0)).to(model.wte.weight.device)
     s = SamplingConfig(**SETTINGS[setting])
     eager = run(Decoder(model, idx, s, torch.Generator().manual_seed(3)), 40)
-    static = run(CompiledDecoder(model, idx, s, torch.Generator().manual_seed(3), compile=False), 40)
+    static = run(CompiledDecoder(model, idx, s, torch.Generator().manual_seed(3), compile=False, prefill_pad=pad), 40)
     assert torch.equal(static, eager)
+
+
+@pytest.mark.parametrize("pad, lengths", [("bucket", [16, 16, 16]), ("block", [32, 32, 32])])
+def test_prefill_gets_a_fresh_buffer_of_one_shape(monkeypatch, pad, lengths):
+    """The compiled prefill is specialized on the strides of its token buffer: the tokens kept past block_size
+    (a batch-1 slice of the window, which keeps the window's row stride) must reach it copied, or the
+    re-prefill compiles again (as it did, and at every turn of an interactive session whose context was
+    cropped to block_size). pad="block": one length for every prompt and re-prefill."""
+    seen = []
+
+    def recording(model, state, tokens, *args):
+        seen.append((tokens.shape[1], tokens.stride(), tokens.storage_offset()))
+        return prefill(model, state, tokens, *args)
+
+    monkeypatch.setattr(compiled, "prefill", recording)
+    model = tiny(block_size=32)
+    idx = torch.randint(0, 50, (1, 40), generator=torch.Generator().manual_seed(0))[:, -16:]   # a view
+    run(CompiledDecoder(model, idx, SamplingConfig(temperature=0.0), compile=False, prefill_pad=pad), 40)
+    assert [n for n, _, _ in seen] == lengths                 # the start and two re-prefills of 16 kept tokens
+    assert all(stride == (n, 1) and offset == 0 for n, stride, offset in seen), seen
+    assert prefill_length(5, 32, pad) == lengths[0] and prefill_length(300, 256, "bucket") == 256
+    with pytest.raises(ConfigError, match="prefill_pad must be one of bucket, block"):
+        make_decoder(model, idx, SamplingConfig(), prefill_pad="full")
 
 
 def test_static_decoder_keeps_returning_only_the_rows_still_going():
@@ -111,7 +137,7 @@ def test_race_never_picks_a_zero_probability_token_when_the_noise_is_zero():
 def test_without_a_cpp_compiler_make_decoder_says_so_and_decodes_eagerly(monkeypatch):
     model = tiny()
     idx = torch.zeros(1, 3, dtype=torch.long)
-    monkeypatch.setattr(decode.shutil, "which", lambda name: None)
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
     monkeypatch.setattr(ops, "_WARNED", set())
     reason = compile_unavailable_reason(torch.device("cpu"))
     assert "C++ compiler" in reason
@@ -130,9 +156,9 @@ def test_a_compilation_failure_falls_back_to_the_same_functions_eagerly(monkeypa
             raise RuntimeError("no compiler today")
         return call
 
-    monkeypatch.setattr(decode, "_compiled_fn", broken)
+    monkeypatch.setattr(compiled, "_compiled_fn", broken)
     monkeypatch.setattr(ops, "_WARNED", set())
-    monkeypatch.setattr(decode, "_seen_keys", set())
+    monkeypatch.setattr(compiled, "_seen_keys", set())
     want = generate(model, idx, 8, temperature=0.0)
     with pytest.warns(UserWarning, match="compiling the decode step failed .*no compiler today"):
         got = generate(model, idx, 8, temperature=0.0, compile=True)
@@ -147,11 +173,11 @@ def test_compiled_decoding_gives_the_eager_tokens_and_compiles_once(device):
     model = tiny(block_size=32).to(device)
     idx = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(4)).to(device)
     kw = dict(temperature=0.8, top_k=20, repetition_penalty=1.2)
-    start = len(decode.compile_log)
+    start = len(compiled.compile_log)
     with warnings.catch_warnings():
         warnings.simplefilter("error")    # no fallback: it really compiled
         got = generate(model, idx, 40, generator=torch.Generator().manual_seed(5), compile=True, **kw)
-    events = decode.compile_log[start:]
+    events = compiled.compile_log[start:]
     # one compilation each, though the 45 tokens pass block_size (a second prefill of the same bucket)
     assert sorted((e.kind, e.length) for e in events) == [("prefill", 16), ("step", 1)], events
     assert all(e.seconds > 0 for e in events)
@@ -160,7 +186,7 @@ def test_compiled_decoding_gives_the_eager_tokens_and_compiles_once(device):
     # Another prompt of the same bucket, another seed and temperature: nothing recompiles.
     kw["temperature"] = 1.3
     again = generate(model, idx[:, 1:], 40, generator=torch.Generator().manual_seed(6), compile=True, **kw)
-    assert len(decode.compile_log) == start + 2
+    assert len(compiled.compile_log) == start + 2
     assert torch.equal(again, generate(model, idx[:, 1:], 40, generator=torch.Generator().manual_seed(6), **kw))
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig
-from gpt.generate import apply_top_k, apply_top_p, generate, sample_next
+from gpt.generation import apply_top_k, apply_top_p, generate, generate_stream, sample_next
 
 pytestmark = pytest.mark.usefixtures("device")  # CUDA when present, else the CPU (tests/conftest.py)
 
@@ -14,7 +14,7 @@ def model_for(n_kv_head, block_size=24, **kw):
 
 
 def greedy_by_recompute(model, idx, n):
-    """Reference: the window schedule of gpt/generate.py, recomputing the window at every step."""
+    """Reference: the window schedule of gpt/generation/eager.py, recomputing the window at every step."""
     block, keep = model.config.block_size, model.config.block_size // 2
     window = idx[:, -block:]
     out = idx
@@ -111,7 +111,6 @@ def test_bf16_weights_generation_matches_bf16_autocast_closely():
 
 
 def test_autocast_does_not_leak_between_streamed_tokens():
-    from gpt.generate import generate_stream
     model = model_for(2)
     stream = generate_stream(model, torch.randint(0, 50, (1, 3)), 3, dtype=torch.bfloat16)
     next(stream)
@@ -121,7 +120,6 @@ def test_autocast_does_not_leak_between_streamed_tokens():
 
 def test_existing_call_sites_keep_working_positionally_and_by_keyword():
     """model.generate / generate_stream keep their old positional order; the new settings are keyword-only."""
-    from gpt.generate import generate_stream
     model = model_for(2)
     idx = torch.randint(0, 50, (2, 3))
     a = model.generate(idx, 6, 0.0, None, None, None, True, None)

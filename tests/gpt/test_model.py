@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig
-from gpt.generate import KVCache
+from gpt.generation import KVCache
 
 pytestmark = pytest.mark.usefixtures("device")  # CUDA when present, else the CPU (tests/conftest.py)
 

@@ -6,16 +6,22 @@ Most tests use a model whose next token is known: `successor_gpt` is a real GPT 
 the next token the successor of the last one (in the character order below), with a chosen margin.
 """
 import io
+import logging
 import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from gpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig, ops
 from gpt import sample as cli
 from gpt.errors import ConfigError
-from gpt.generate import (SamplingConfig, StopStrings, apply_frequency_presence_penalty, apply_min_p,
-                          apply_repetition_penalty, generate_completions, sample_next, token_counts)
+from gpt.generation import (CompileEvent, Completion, SamplingConfig, StopStrings, apply_frequency_presence_penalty,
+                            apply_min_p, apply_repetition_penalty, compiled, generate_completions, sample_next,
+                            token_counts)
 from gpt.tokenizer import CharTokenizer
 
 CHARS = "\n abcdefghijklmn"      # 16 characters, sorted: the ids are their positions
@@ -322,25 +328,109 @@ def test_interactive_commands_for_the_new_settings(monkeypatch, ckpt, capsys):
     assert "(minp = 0.05)" in out and "(rep = 1.1)" in out and "(freq = 0.2)" in out and "(pres = 0.3)" in out
     assert "min_p=0.05 repetition_penalty=1.1 frequency_penalty=0.2 presence_penalty=0.3 stop='d' eot=off" in out
     assert "error: /minp must be in [0, 1]" in err and "error: /rep must be > 0" in err
-    # "a" + newline is continued " abc" (successors of "\n"), cut before the stop string "d".
-    assert " abc(" in out and " abcd" not in out
+    # "a" + newline is continued " abc" (successors of "\n"), cut before the stop string "d"; the reply to
+    # the next command starts on a line of its own.
+    assert " abc\n(stop = none)\n" in out and " abcd" not in out
     assert "stop=none" in out
 
 
-def test_interactive_compiles_once_and_reuses_it_across_prompts(monkeypatch, ckpt, capsys):
-    """Interactive mode compiles by default: the first turn compiles prefill and the step (and says how
-    long it took), later turns of the same prefill bucket reuse them; the text is the eager decoder's."""
-    turns = ["a", "k", "/temp 0.5", "c"]
+def test_interactive_compiles_once_and_reuses_it_across_prompts(monkeypatch, ckpt, tmp_path, capsys):
+    """Interactive mode compiles by default, prefill for one shape (padded to block_size): the first turn
+    compiles prefill and the step (and says how long it took); later turns reuse them, though the context
+    grows past 16 tokens (another bucket, formerly another compilation) and past block_size (a re-prefill),
+    and a temperature change does not recompile either; the text is the eager decoder's."""
+    turns = ["a", "k", "/temp 0.5", "c", "d"]     # contexts of 2, 12, 22 and 32 tokens; block_size 32
+    monkeypatch.setattr(cli, "log_path", lambda: tmp_path / "lib.log")
     outs = {}
     for flag in ("--no-compile", None):
         lines = iter([*turns, "/quit"])
         monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-        args = ["--ckpt", ckpt, "--interactive", "--max-tokens", "3", "--seed", "3", *BASE[:6]]  # history < 16
+        args = ["--ckpt", ckpt, "--interactive", "--max-tokens", "8", "--seed", "3", *BASE[:6]]
         assert cli.main(args + ([flag] if flag else [])) == 0
         outs[flag] = capsys.readouterr()
     out, err = outs[None]
     assert out == outs["--no-compile"].out
     compiled = [line for line in err.splitlines() if line.startswith("compiled ")]
-    assert len(compiled) == 1, err                 # the first turn only: a temperature change does not recompile
-    assert "prefill (batch 1, 16-token bucket) in" in compiled[0] and "step (batch 1) in" in compiled[0]
+    assert len(compiled) == 1, err                 # the first turn only
+    assert "prefill (batch 1, 32 tokens) in" in compiled[0] and "step (batch 1) in" in compiled[0]
     assert "compiled" not in outs["--no-compile"].err
+
+
+# -- the sampler's screen: the model's text and the sampler's own messages only -----------------
+MESSAGES = ("loaded ", "compiling prefill", "interactive mode:", "compiled ", "(library warnings and compiler logs: ",
+            "warning: ", "error: ", "(end of text)", "(generation stopped)")
+
+
+def test_a_compiled_interactive_session_shows_only_the_text_and_the_samplers_messages(ckpt, tmp_path):
+    """As a user saw it (`python -m gpt.sample --interactive` on a 2-core CPU): PyTorch's log lines (`W1203 ...
+    No CUDA runtime is found`) and inductor's `Autotune Choices Stats` amid the text, the compile report glued
+    to its end, and another compilation each time the growing context reached a new prefill bucket. Here
+    stdout and stderr share one pipe, as they share a terminal: every line is a prompt, the model's text or
+    one of the sampler's messages, each message starts a line, and only the first turn compiles."""
+    proc = subprocess.run([sys.executable, "-m", "gpt.sample", "--ckpt", ckpt, "--interactive", "--compile",
+                           "--max-tokens", "8", "--seed", "3", *BASE[:6]], input="a\nk\nc\nd\n", text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path, timeout=300)
+    screen = proc.stdout
+    assert proc.returncode == 0, screen[-3000:]
+    text = set(CHARS)
+    foreign = [line for line in screen.splitlines()
+               if not line.startswith(MESSAGES) and not set(line.removeprefix("> ")) <= text]
+    assert not foreign, screen[-3000:]
+    # Each turn continues "<letter>\n" with its successors: " abcdefg" after the prompt, then a message or
+    # the next prompt on a line of its own. The contexts are 2, 12, 22 and 32 tokens (block_size 32).
+    turns = screen.split("\n> ")[1:]
+    assert len(turns) == 5 and all(t.split("\n")[0] == " abcdefg" for t in turns[:4]), screen[-3000:]
+    compiles = [line for line in screen.splitlines() if line.startswith("compiled ")]
+    assert len(compiles) == 1 and "compiled prefill (batch 1, 32 tokens) in" in turns[0], screen[-3000:]
+    for line in screen.splitlines():
+        if line.startswith("(library warnings and compiler logs: "):
+            Path(line.split(": ", 1)[1].rstrip(")")).unlink()
+
+
+def test_library_output_goes_to_a_log_file_and_messages_start_their_own_line(monkeypatch, ckpt, tmp_path, capsys):
+    """What other libraries print during generation (a PyTorch log record, a direct write to sys.stderr as
+    inductor's autotuner does, a Python warning) goes to the log file, named once; this project's own
+    warnings and the compile report are messages, each starting a line of its own, also after text that did
+    not end with a newline."""
+    def fake_generate(model, prompts, max_new_tokens, *, on_token=None, **kw):
+        on_token(0, ids("b")[0])
+        logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found, using CUDA_HOME='/x'")
+        sys.stderr.write('Autotune Choices Stats:\n{"num_choices": 2}\n')
+        warnings.warn("a library's warning", UserWarning)
+        on_token(0, ids("c")[0])
+        ops._warn_once("decoding without compilation: a reason")
+        on_token(0, ids("d")[0])
+        compiled.compile_log.append(CompileEvent("step", 1, 1, 0.5))
+        return [Completion(0, 0, ids("bcd"), "bcd")]
+
+    log = tmp_path / "lib.log"
+    monkeypatch.setattr(cli, "log_path", lambda: log)
+    monkeypatch.setattr(cli, "generate_completions", fake_generate)
+    monkeypatch.setattr(compiled, "compile_log", [])
+    monkeypatch.setattr(ops, "_WARNED", set())
+    lines = iter(["a", "/show", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert cli.main(["--ckpt", ckpt, "--interactive", *BASE]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("bcd\ntemperature=0.0 ")           # the reply to /show on a line of its own
+    # (captured apart, the newline a message starts with goes with the message)
+    assert "\nwarning: decoding without compilation: a reason\n" in err
+    assert "\ncompiled step (batch 1) in 0.5 s" in err
+    assert f"\n(library warnings and compiler logs: {log})\n" in err
+    for library in ("No CUDA runtime", "Autotune Choices Stats", "a library's warning"):
+        assert library not in err and library not in out
+    logged = log.read_text()
+    assert "No CUDA runtime is found" in logged and "Autotune Choices Stats" in logged
+    assert "UserWarning: a library's warning" in logged and "decoding without compilation" not in logged
+    assert not isinstance(sys.stderr, cli.LibraryLog)          # restored
+
+
+def test_screen_starts_a_message_on_a_new_line_only_after_unfinished_text():
+    out = io.StringIO()
+    screen = cli.Screen(out, out)
+    screen.message("one")
+    screen.write("text")
+    screen.message("two")
+    screen.write("more\n")
+    screen.message("three", to_out=True)
+    assert out.getvalue() == "one\ntext\ntwo\nmore\nthree\n"

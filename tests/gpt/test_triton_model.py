@@ -59,11 +59,10 @@ def test_triton_kv_cache_generation_matches_torch(n_kv_head, device):
 
 @pytest.mark.parametrize("n_kv_head", [4, 1], ids=["MHA", "MQA"])
 def test_triton_static_cache_decoding_matches_torch(n_kv_head, device):
-    """The static-shape decoder (gpt/decode.py) on the Triton kernels, tritongpt::decode_attention included,
-    against the eager PyTorch decoder, past block_size at batch 2. On a GPU it is compiled (CUDA graphs);
-    under the interpreter the same functions run eagerly."""
-    from gpt.decode import CompiledDecoder
-    from gpt.generate import SamplingConfig
+    """The static-shape decoder (gpt/generation/compiled.py) on the Triton kernels, tritongpt::decode_attention
+    included, against the eager PyTorch decoder, past block_size at batch 2. On a GPU it is compiled (CUDA
+    graphs); under the interpreter the same functions run eagerly."""
+    from gpt.generation import CompiledDecoder, SamplingConfig
     torch.manual_seed(0)
     base = GPT(GPTConfig(vocab_size=53, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=64, block_size=16)).eval()
     idx = torch.randint(0, 53, (2, 5), device=device)

@@ -1,4 +1,4 @@
-"""Compiled decoding: a static-shape KV cache, and prefill and the one-token step as compiled functions.
+"""Compiled decoding: prefill and the one-token step as compiled functions on static shapes.
 
 Why. Batch-1 decoding reads every weight once per token, so its floor is (weight bytes + KV-cache bytes
 read) / memory bandwidth. Run eagerly, a small model is nowhere near it: each of the dozen ops per layer
@@ -9,29 +9,42 @@ generated C++ on the CPU (the row-wise ops fused around the matmuls), one CUDA-g
 
 What is static. `torch.compile(fullgraph=True, dynamic=False)` needs shapes that do not change between
 tokens, so:
-- the KV cache is (B, n_kv_head, block_size, head_dim) per layer, allocated once (`DecodeState`); the step
-  writes position `pos` with index_copy_ and attends over the whole cache with the keys past `pos` masked
-  (`ops.decode_attention`; the Triton kernel reads only the valid keys);
-- `pos` is a device tensor that the step advances itself: no host-to-device copy per token;
+- the KV cache, the next position and the penalty state live in a `DecodeState`
+  (gpt/generation/cache.py): the cache is block_size long, `pos` a device tensor the step advances
+  itself, and the step attends over the whole cache with the keys past `pos` masked;
 - sampling: which steps run (`SamplingPlan`) is fixed, their values are a tensor, and the Exp(1) noise
-  of the draw is made before the step with the caller's generator (gpt/generate.py `race`), so a new
-  temperature does not recompile and the step never waits for the host;
+  of the draw is made before the step with the caller's generator (gpt/generation/sampling.py `race`),
+  so a new temperature does not recompile and the step never waits for the host;
 - the batch: a finished row keeps being computed (its tokens are dropped) instead of leaving the
   batch, which would change the shape.
-Prefill is a second compiled function. The prompt is padded at its end up to a bucket (16, 32, 64, ...,
-capped at block_size), so a new prompt length compiles again only when it falls in a new bucket; causal
-attention keeps the padding out of every real position, and the cache rows it fills lie past `pos`,
-where the mask hides them until real tokens overwrite them.
 
-Past block_size: as the eager decoder (gpt/generate.py), keep the last block_size // 2 tokens and prefill
-them again from position 0 (one more prefill bucket).
+Prefill is a second compiled function, on the prompt padded at its end (a fresh buffer each time, so its
+strides never differ: a view would make it compile again); causal attention keeps the padding out of
+every real position. How far it is padded (`prefill_pad`):
+- "bucket" (the default): to the next power of two from 16 (16, 32, 64, ..., capped at block_size), so a
+  new prompt length compiles again only when it falls in a new bucket, and a short prompt is prefilled
+  over few positions;
+- "block": always to block_size, so one prefill graph serves every prompt length and the re-prefill
+  past block_size. The sampler's interactive mode uses it: the context grows with every turn, and with
+  buckets each new one (32, 64, ... tokens) stopped the conversation for another compilation (~10 s each
+  on a 2-core CPU for the 0.86M-parameter recipe model, block_size 256, with a cold inductor cache).
+  Padding to block_size costs a prefill over block_size positions per turn instead: a later turn of 100
+  tokens takes under 0.1 s in all for that model (gpt/sample.py has the numbers). Prefilling only the
+  tokens a turn adds, at an offset, would keep one shape too, but needs a chunked prefill with its own
+  masking and cache bookkeeping, and each turn would still re-prefill the whole window once the context
+  passes block_size.
 
-Cost. Compiling takes seconds to a minute, once per (batch size, bucket, sampling plan, weights) in a
-process; `compile_log` records each call that compiled and how long it took (the sampler prints it), and
-inductor keeps its generated code on disk, so a later process compiles faster. The state buffers are
-reused from one generation to the next (`DecodeState.take`), as the compiled step is specialized on them. Where compilation is unavailable (no
-C++ compiler for inductor on the CPU, MPS, Python without TorchDynamo) `make_decoder` uses the eager
-decoder and says why, once.
+Past block_size: as the eager decoder (gpt/generation/eager.py), keep the last block_size // 2 tokens and
+prefill them again from position 0 (one more prefill of the same shape with "block"; of the
+block_size // 2 bucket with "bucket").
+
+Cost. Compiling takes seconds to a minute, once per (batch size, prefill shape, sampling plan, weights)
+in a process; `compile_log` records each call that compiled and how long it took (the sampler prints
+it), and inductor keeps its generated code on disk, so a later process compiles faster. The state
+buffers are reused from one generation to the next (`DecodeState.take`), as the compiled step is
+specialized on them. Where compilation is unavailable (`compile_unavailable_reason`: no C++ compiler for
+inductor on the CPU, MPS, Python without TorchDynamo) gpt/generation/api.py's `make_decoder` uses the
+eager decoder and says why, once; where compiling fails, the decoder runs the same functions eagerly.
 """
 from __future__ import annotations
 
@@ -43,14 +56,15 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
-from .generate import (Decoder, SamplingConfig, SamplingPlan, _resolve_dtype, choose_tokens, draw_exponential,
-                       record_tokens, token_counts)
-from .ops import _warn_once
-from .runtime import autocast
+from ..errors import ConfigError
+from ..ops import _warn_once
+from ..runtime import autocast, resolve_compute_dtype
+from .cache import DecodeState, PrefillView, StepView
+from .sampling import SamplingConfig, SamplingPlan, choose_tokens, draw_exponential, record_tokens, token_counts
 
 PREFILL_MIN = 16
+PREFILL_PADS = ("bucket", "block")   # how far a prompt is padded for prefill (the module docstring)
 RECOMPILE_LIMIT = 64   # graphs per compiled function: buckets x batch sizes x sampling plans
 
 
@@ -63,105 +77,12 @@ def prefill_bucket(length: int, block_size: int) -> int:
     return min(bucket, block_size)
 
 
-class LayerCache(nn.Module):
-    """One layer's keys and values, (B, n_kv_head, block_size, head_dim) each. A tensor per layer, not
-    one for all: a compiled in-place write into a view of a larger buffer makes AOTAutograd copy the
-    whole buffer back at every step, a write into a whole input buffer is done in place."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device):
-        super().__init__()
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-
-class DecodeState(nn.Module):
-    """What the compiled functions update in place, as buffers: the KV cache of every layer, the next
-    position, and the penalty state (tokens seen, tokens generated).
-
-    The compiled step is specialized on these buffers themselves (the frozen CPU step guards on their
-    identity, a CUDA graph on their addresses), so a state is reused from one generation to the next
-    (`DecodeState.take`) rather than allocated anew, which would compile the step again."""
-
-    def __init__(self, model, batch: int, dtype: torch.dtype, seen: bool, counts: bool):
-        super().__init__()
-        c = model.config
-        device = model.wte.weight.device
-        shape = (batch, c.n_kv_head, c.block_size, c.head_dim)
-        self.layers = nn.ModuleList(LayerCache(shape, dtype, device) for _ in range(c.n_layer))
-        self.batch = batch
-        self.owner = weakref.ref(model)
-        self.in_use = False
-        self.register_buffer("pos", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
-        vocab = (batch, c.vocab_size)
-        self.register_buffer("seen", torch.zeros(vocab, dtype=torch.bool, device=device) if seen else None,
-                             persistent=False)
-        self.register_buffer("counts", torch.zeros(vocab, device=device) if counts else None, persistent=False)
-
-    _pool: dict = {}
-    POOL_SIZE = 4   # states kept for reuse (each holds a KV cache), the least recently used dropped first
-
-    @classmethod
-    def take(cls, model, batch: int, dtype: torch.dtype, seen: torch.Tensor | None, counts: bool) -> "DecodeState":
-        """A state for this model, batch and dtype, reused if one is free (its old cache contents stay: they
-        lie past `pos`, masked, until overwritten), set up for a new generation: `seen` copied in, the
-        counts zeroed. Release it with `release()`."""
-        key = (id(model), batch, dtype, seen is not None, counts)
-        state = cls._pool.pop(key, None)
-        # The same model object (not another that reuses its id), on the same device (it may have moved).
-        if state is None or state.in_use or state.owner() is not model \
-                or state.layers[0].k.device != model.wte.weight.device:
-            state = cls(model, batch, dtype, seen is not None, counts)
-        cls._pool[key] = state                       # most recently used last
-        while len(cls._pool) > cls.POOL_SIZE:
-            cls._pool.pop(next(iter(cls._pool)))
-        if seen is not None:
-            state.seen.copy_(seen)
-        if counts:
-            state.counts.zero_()
-        state.in_use = True
-        return state
-
-    def release(self) -> None:
-        self.in_use = False
-
-
-class _PrefillView:
-    """The cache as `GPT.hidden_states` sees it in prefill: positions 0..T-1 (T static)."""
-
-    def __init__(self, state: DecodeState):
-        self.state = state
-
-    def rope(self, cos, sin, T: int):
-        return cos[:T], sin[:T]
-
-    def attend(self, layer: int, q, k, v, op):
-        cache, T = self.state.layers[layer], k.shape[2]
-        cache.k[:, :, :T] = k
-        cache.v[:, :, :T] = v
-        return op.attention(q, k, v, causal=True)
-
-    def advance(self, T: int) -> None:
-        pass
-
-
-class _StepView:
-    """The cache as `GPT.hidden_states` sees it in a one-token step: position state.pos."""
-
-    def __init__(self, state: DecodeState):
-        self.state = state
-        self.kv_len = (state.pos + 1).repeat(state.batch)   # (B,) valid keys once this token is in, contiguous
-
-    def rope(self, cos, sin, T: int):
-        return cos.index_select(0, self.state.pos), sin.index_select(0, self.state.pos)
-
-    def attend(self, layer: int, q, k, v, op):
-        cache = self.state.layers[layer]
-        cache.k.index_copy_(2, self.state.pos, k.to(cache.k.dtype))
-        cache.v.index_copy_(2, self.state.pos, v.to(cache.v.dtype))
-        return op.decode_attention(q, cache.k, cache.v, self.kv_len)
-
-    def advance(self, T: int) -> None:
-        pass
+def prefill_length(length: int, block_size: int, pad: str = "bucket") -> int:
+    """The padded length a prompt of `length` tokens is prefilled at: its bucket (`prefill_bucket`), or
+    block_size with pad="block"."""
+    if pad not in PREFILL_PADS:
+        raise ConfigError(f"prefill_pad must be one of {', '.join(PREFILL_PADS)}, got {pad!r}")
+    return block_size if pad == "block" else prefill_bucket(length, block_size)
 
 
 def _choose(state: DecodeState, logits, plan: SamplingPlan, params, noise):
@@ -174,7 +95,7 @@ def prefill(model, state: DecodeState, tokens, last, plan: SamplingPlan, params,
     """Fill the cache from tokens (B, bucket), whose real part ends at index `last` (a (1,) tensor), and
     sample the token after it; state.pos becomes last + 1."""
     with autocast(device, dtype):
-        h = model.hidden_states(tokens, cache=_PrefillView(state))
+        h = model.hidden_states(tokens, cache=PrefillView(state))
         logits = model.lm_head(h.index_select(1, last)[:, 0])
     state.pos.copy_(last + 1)
     return _choose(state, logits, plan, params, noise)
@@ -185,7 +106,7 @@ def decode_step(model, state: DecodeState, token, plan: SamplingPlan, params, no
     if weights < 0:   # never: reading it makes the compiled step specialize on it
         raise ValueError(f"weights key must be >= 0, got {weights}")
     with autocast(device, dtype):
-        h = model.hidden_states(token, cache=_StepView(state))
+        h = model.hidden_states(token, cache=StepView(state))
         logits = model.lm_head(h[:, -1])
     state.pos.add_(1)
     return _choose(state, logits, plan, params, noise)
@@ -193,11 +114,11 @@ def decode_step(model, state: DecodeState, token, plan: SamplingPlan, params, no
 
 @dataclass
 class CompileEvent:
-    """A call of a compiled function that compiled it (first use of a batch size, bucket or sampling plan,
-    or new weights): what, and its seconds (compile + run)."""
+    """A call of a compiled function that compiled it (first use of a batch size, prefill length or sampling
+    plan, or new weights): what, and its seconds (compile + run)."""
     kind: str          # "prefill" or "step"
     batch: int
-    length: int        # the prefill bucket; 1 for the step
+    length: int        # the padded prefill length (a bucket, or block_size); 1 for the step
     seconds: float
 
 
@@ -230,12 +151,14 @@ def compile_unavailable_reason(device: torch.device) -> str | None:
 # How each function is compiled. The step is what decoding repeats, so it gets the expensive options:
 # on CUDA a CUDA graph; on the CPU inductor's `freezing` (the weights become constants of the graph,
 # prepacked) and `max_autotune` (its C++ GEMM templates for the one-row matmuls of decoding), measured
-# 2-5x faster per token than the default on a 2-core AVX-512 CPU (docs/decoding.md) for about three
+# 2-5x faster per token than the default on a 2-core AVX-512 CPU (docs/generation.md) for about three
 # times the compile time. Freezing is read when dynamo traces, so it is set around each call of the step
 # (`_STEP_CONFIG`), not passed as a compile option. Prefill runs once per prompt: default compilation.
 STEP_MODE = {"cuda": "reduce-overhead"}
-# (autotune_num_choices_displayed=0: the autotuner's timing tables are not printed to stderr.)
-_STEP_CONFIG = {"cpu": dict(freezing=True, max_autotune=True, autotune_num_choices_displayed=0)}
+# (autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False: the autotuner's timing
+# tables and its "Autotune Choices Stats" lines, which it writes straight to sys.stderr, are not printed.)
+_STEP_CONFIG = {"cpu": dict(freezing=True, max_autotune=True, autotune_num_choices_displayed=0,
+                            max_autotune_report_choices_stats=False)}
 
 
 def _compiled_fn(fn, device: torch.device):
@@ -279,14 +202,16 @@ def weights_key(model) -> int:
 
 
 class CompiledDecoder:
-    """`gpt.generate.Decoder`'s interface (`rows`, `batch`, `step()`, `keep(mask)`) on static shapes.
+    """The eager `Decoder`'s interface (`rows`, `batch`, `step()`, `keep(mask)`) on static shapes.
 
     compile=False runs the same functions eagerly (for tests: the compiled path must give their tokens).
+    prefill_pad: "bucket" or "block", how far prompts are padded for prefill (the module docstring).
     The caller puts the model in eval mode and disables autograd.
     """
 
     def __init__(self, model, idx: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
-                 dtype: torch.dtype | str | None = None, compile: bool = True):
+                 dtype: torch.dtype | str | None = None, compile: bool = True, prefill_pad: str = "bucket"):
+        prefill_length(1, 1, prefill_pad)        # an unknown value: ConfigError before any work
         if idx.dim() == 1:
             idx = idx.unsqueeze(0)
         if idx.numel() == 0 or idx.shape[1] == 0:
@@ -295,7 +220,7 @@ class CompiledDecoder:
         self.block = model.config.block_size
         self.keep_len = max(self.block // 2, 1)
         self.device = idx.device
-        self.compute_dtype = _resolve_dtype(dtype, self.device)
+        self.compute_dtype = resolve_compute_dtype(dtype, self.device)
         # The dtype k and v come out in: autocast's, or the weights' where there is no autocast.
         kv_dtype = self.compute_dtype if self.compute_dtype != torch.float32 else model.wte.weight.dtype
         vocab = model.config.vocab_size
@@ -311,6 +236,7 @@ class CompiledDecoder:
         self.rows = torch.arange(idx.shape[0], device=self.device)   # original row of each active row
         self.active: torch.Tensor | None = None    # where the active rows are in the full batch (None: all)
         self.compile = compile
+        self.prefill_pad = prefill_pad
         self._fns = {}
 
     @property
@@ -362,11 +288,13 @@ class CompiledDecoder:
             if self.pos is None:
                 self.weights = weights_key(self.model)
             T = self.window.shape[1]
-            bucket = prefill_bucket(T, self.block)
-            tokens = self.window.contiguous() if bucket == T else torch.cat(   # contiguous: strides are guarded
-                (self.window, self.window.new_zeros(self.window.shape[0], bucket - T)), dim=1)
+            length = prefill_length(T, self.block, self.prefill_pad)
+            # A fresh buffer, never a view of the window: the compiled prefill is specialized on the strides
+            # (a batch-1 slice of the window keeps the window's row stride), which would compile it again.
+            tokens = self.window.new_zeros(self.window.shape[0], length)
+            tokens[:, :T] = self.window
             last = torch.tensor([T - 1], device=self.device)
-            nxt = self._call(prefill, "prefill", bucket, self.model, self.state, tokens, last, self.plan,
+            nxt = self._call(prefill, "prefill", length, self.model, self.state, tokens, last, self.plan,
                              self.params, self._noise())
             self.pos = T
         else:
@@ -387,17 +315,5 @@ class CompiledDecoder:
         self.active = index if self.active is None else self.active[index]
 
 
-def make_decoder(model, idx: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
-                 use_cache: bool = True, dtype: torch.dtype | str | None = None, compile: bool = False):
-    """The compiled decoder when `compile` (and use_cache) and it is available on idx's device, else the
-    eager `Decoder` (saying why, once, when compile was asked for)."""
-    if compile and use_cache:
-        reason = compile_unavailable_reason(idx.device)
-        if reason is None:
-            return CompiledDecoder(model, idx, sampling, generator, dtype)
-        _warn_once(f"decoding without compilation: {reason}")
-    return Decoder(model, idx, sampling, generator, use_cache, dtype)
-
-
-__all__ = ["CompiledDecoder", "DecodeState", "CompileEvent", "compile_log", "compile_unavailable_reason",
-           "make_decoder", "prefill_bucket", "prefill", "decode_step"]
+__all__ = ["CompiledDecoder", "CompileEvent", "PREFILL_PADS", "compile_log", "compile_unavailable_reason",
+           "decode_step", "prefill", "prefill_bucket", "prefill_length", "weights_key"]
