@@ -59,15 +59,19 @@ def flops(n: int, rows: int, cols: int, steps: int) -> int:
     return steps * n * (4 * r * r * c + 2 * r ** 3)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.muon_ns", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/shakespeare_cpu.toml",
                    help="training config whose model gives the stacks")
     p.add_argument("--repeats", type=int, default=20, help="timed repeats of each implementation (>= 10)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls of each implementation first")
     p.add_argument("--steps", type=int, default=5, help="Newton-Schulz steps (MuonAdamW's ns_steps)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = recipe_stacks(args.config)

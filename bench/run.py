@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCHEMA = 1
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.split("\n\n")[0], epilog=UNDERSCORE_NOTE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="all",
@@ -72,6 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--contexts", default=None, help="decode suite: comma-separated context lengths to sweep")
     p.add_argument("--report-json", default=None,
                    help="static suite: summarize this kernels.report JSON instead of compiling again")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     args.suites = list(SUITES) if args.suite == "all" else [s.strip() for s in args.suite.split(",") if s.strip()]
     unknown = [s for s in args.suites if s not in SUITES]

@@ -90,7 +90,7 @@ class GPTConfig:
         return cls(**d)
 
 
-# Nominal sizes at an 8192-token vocabulary (exact counts: README, tests/gpt/test_config.py).
+# Nominal sizes at an 8192-token vocabulary (exact counts: docs/architecture.md, tests/gpt/test_config.py).
 PRESETS: dict[str, dict] = {
     "tiny":   dict(n_layer=5,  n_head=6,  n_kv_head=2, n_embd=384,  block_size=256),   # ~10M
     "small":  dict(n_layer=8,  n_head=8,  n_kv_head=4, n_embd=512,  block_size=512),   # ~25M

@@ -19,8 +19,7 @@ from .hf import export_hf
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@command_line_main
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gpt.export", description=__doc__.splitlines()[0],
                                 epilog=UNDERSCORE_NOTE)
     p.add_argument("--ckpt", default="out/ckpt.pt", help="the checkpoint to export (default: out/ckpt.pt)")
@@ -29,7 +28,12 @@ def main(argv: list[str]) -> int:
                    help="weights' dtype in model.safetensors (float32: exactly the trained weights)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="read a checkpoint that needs pickle (older formats); this can run code in the file")
-    args = p.parse_args(argv)
+    return p
+
+
+@command_line_main
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     try:
         model, tokenizer, _ = load_model(args.ckpt, kernels="torch", trust=args.trust_checkpoint)
         out = export_hf(model, tokenizer, args.out, DTYPES[args.dtype])

@@ -184,7 +184,7 @@ def _target_list(text: str) -> list[int]:
     return targets
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kernels.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small representative subset of the configs")
     parser.add_argument("--json", metavar="FILE", help="also write the rows and a summary as JSON to FILE")
@@ -192,7 +192,11 @@ def main(argv=None) -> int:
                         help="comma-separated compute capabilities (default 80,90)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     parser.add_argument("--modules", default=",".join(MODULES), help="comma-separated kernel modules to compile")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     targets = args.targets
     modules = [m.strip() for m in args.modules.split(",") if m.strip()]
 

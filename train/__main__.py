@@ -102,7 +102,7 @@ def _type_of(f):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train", description="Train a GPT (see README.md). Settings: "
+    p = argparse.ArgumentParser(prog="python -m train", description="Train a GPT (see docs/training.md). Settings: "
                                 "defaults < the preset's training defaults (train/config.py) < --config < flags.",
                                 epilog=UNDERSCORE_NOTE)
     p.add_argument("--config", help="a .toml or .py file setting the same names as these flags")

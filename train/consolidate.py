@@ -75,14 +75,18 @@ def _single_file_state(step_dir: Path) -> dict:
     return {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
 
-@command_line_main
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.consolidate", description=__doc__.splitlines()[0],
                                 epilog=UNDERSCORE_NOTE)
     p.add_argument("out_dir", help="the run directory (--out-dir of the FSDP run)")
     p.add_argument("--force", action="store_true",
                    help="replace OUT_DIR/ckpt.pt even where it holds a later iteration than the sharded checkpoint")
-    args = p.parse_args(argv)
+    return p
+
+
+@command_line_main
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     try:
         for path in consolidate(args.out_dir, force=args.force):
             print(f"wrote {path}")

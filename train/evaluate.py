@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", epilog=UNDERSCORE_NOTE,
                                 description="Loss of a checkpoint on a whole split of its dataset.")
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by python -m train")
-    p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--split", default="val", choices=("train", "val"), help="the split to score (default: val)")
     p.add_argument("--data-dir", default=None, help="where the tokenized data is cached (default: the run's)")
     p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")

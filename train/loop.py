@@ -260,7 +260,7 @@ class Trainer:
         if cfg.time_budget is not None:
             budget = cfg.time_budget * 60
             if st.elapsed >= budget or (st.finished == "time budget" and budget <= self._saved_budget):
-                return f"its time budget ({_hms(budget)}) ended it at iter {st.iter}, {_hms(st.elapsed)} in"
+                return f"its time budget ({_hms(budget)}) is spent: iter {st.iter}, {_hms(st.elapsed)} in"
         return None
 
     # -- checkpoints ------------------------------------------------------------------------------

@@ -294,11 +294,11 @@ def test_config_files_and_precedence(tmp_path):
 
 
 def test_shipped_cpu_recipe_resolves():
-    """configs/shakespeare_cpu.toml is the README's recipe: every name in it must be a real setting."""
+    """configs/shakespeare_cpu.toml is the README's quick-start recipe: every name in it must be a real setting."""
     cfg = resolve_config({"model": {}}, str(Path(__file__).parents[2] / "configs" / "shakespeare_cpu.toml"))
     cfg.validate()
     assert cfg.optimizer == "muon" and cfg.compile and cfg.model["n_layer"] == 4
-    assert GPT(cfg.model_config(75)).num_params() == 862_720  # the size the README quotes (0.86M)
+    assert GPT(cfg.model_config(75)).num_params() == 862_720  # the size the README and docs quote (0.86M)
 
 
 def run_cli(*args, cwd):
@@ -427,7 +427,7 @@ def test_a_run_whose_budget_ends_at_an_eval_step_evaluates_once_and_a_resume_of_
     before = out_files(out)
     again = Trainer(cfg_for(tmp_path, data_dir, max_iters=100000, eval_interval=4, time_budget=5, resume=True)).train()
     said = capsys.readouterr().out
-    assert again["stop_reason"] == "complete" and "is complete: its time budget" in said, said
+    assert again["stop_reason"] == "complete" and "is complete: its time budget (0:05:00) is spent" in said, said
     assert "eval @" not in said and out_files(out) == before
     # A larger budget goes on.
     more = Trainer(cfg_for(tmp_path, data_dir, max_iters=6, eval_interval=4, time_budget=5.5, resume=True)).train()
