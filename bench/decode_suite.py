@@ -3,7 +3,8 @@ compiled (gpt/generation/compiled.py) vs compiled with int8 weights.
 
 Generation is gpt.generation.generate_stream, greedy (temperature 0: no sampling noise), from a random
 16-token prompt, with the weights in bf16 (how `python -m gpt.sample` serves them) and bf16 compute.
-Modes, each at batch 1 and 8:
+Modes, each at batch 1 and 8 (a quick run with the default presets compiles only the first preset, at
+batch 1: `compiled_runs`):
 - eager: the eager decoder with its KV cache (plus, at batch 1, recomputing the window every step);
 - compiled: prefill and the decode step compiled with static shapes (CUDA graphs on a GPU);
 - compiled+int8: the same after gpt.quantize.quantize_int8 (weight-only int8 linear layers and head).
@@ -116,11 +117,13 @@ def generation(preset: str, model, dtype, ctx: RunContext, new_tokens: int, batc
     return records
 
 
-def _int8_generation(preset: str, model, dtype, ctx: RunContext, new_tokens: int, kernels: str) -> list[dict]:
+def _int8_generation(preset: str, model, dtype, ctx: RunContext, new_tokens: int, kernels: str,
+                     batches=BATCHES) -> list[dict]:
     """Compiled generation of the same weights as int8 linear layers (quantized in place: the float rows are
     measured first); a failure is a note and leaves the float rows."""
     try:
-        return generation(preset, quantize_int8(model), dtype, ctx, new_tokens, mode="compiled+int8")
+        return generation(preset, quantize_int8(model), dtype, ctx, new_tokens, batches=batches,
+                          mode="compiled+int8")
     except Exception as e:
         ctx.note(f"decode {preset} kernels={kernels} int8 skipped: {type(e).__name__}: {str(e).strip()[:200]}")
         return []
@@ -158,9 +161,19 @@ def context_sweep(preset: str, model, dtype, ctx: RunContext) -> list[dict]:
     return records
 
 
+def compiled_runs(presets: list[str], ctx: RunContext) -> tuple[list[str], tuple[int, ...]]:
+    """Which presets and batch sizes the compiled modes run. Each compiles a decoder, about a minute on
+    a 2-core CPU with an empty compile cache (docs/results/2026-12-04-cpu-2core.md): a quick run with
+    the default presets compiles only the first, at batch 1; --full or --preset compiles every one."""
+    if ctx.quick and not ctx.presets:
+        return presets[:1], (1,)
+    return presets, BATCHES
+
+
 def run(ctx: RunContext) -> list[dict]:
     new_tokens = ctx.new_tokens or (32 if ctx.quick else 256)
     presets = default_presets(ctx)
+    compiled_presets, compiled_batches = compiled_runs(presets, ctx)
     records = []
     for preset in presets:
         for kernels in ctx.kernels:
@@ -170,9 +183,10 @@ def run(ctx: RunContext) -> list[dict]:
                 # The context sweep on the largest preset run (it is the one where context matters most).
                 if preset == presets[-1]:
                     recs += context_sweep(preset, model, dtype, ctx)
-                if ctx.compile:
-                    recs += generation(preset, model, dtype, ctx, new_tokens, mode="compiled")
-                    recs += _int8_generation(preset, model, dtype, ctx, new_tokens, kernels)
+                if ctx.compile and preset in compiled_presets:
+                    recs += generation(preset, model, dtype, ctx, new_tokens, batches=compiled_batches,
+                                       mode="compiled")
+                    recs += _int8_generation(preset, model, dtype, ctx, new_tokens, kernels, compiled_batches)
             except Exception as e:  # out of memory, or a kernel being written: note it, run the other presets
                 if ctx.device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -252,8 +252,7 @@ def summary_rows(results: dict) -> list[dict]:
     return rows
 
 
-@command_line_main
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/gpu_check.py", description=__doc__.split("\n\n")[0], epilog=UNDERSCORE_NOTE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true",
@@ -263,7 +262,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--skip", default="", help="comma-separated steps to leave out: tests,kernels,attention,train,decode")
     p.add_argument("--train-steps", type=int, default=None, help="steps per training run (default 200; dry run 4)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
-    args = p.parse_args(argv)
+    return p
+
+
+@command_line_main
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     try:
         device = resolve_device(args.device)
         if device.type != "cuda" and not args.dry_run:

@@ -229,6 +229,10 @@ def main(argv: list[str]) -> int:
     log(f"bench: {device_name} | torch {torch.__version__} | triton {doc['machine']['triton']} | "
         f"{torch.get_num_threads()} threads | suites {','.join(args.suites)} | "
         f"{'quick' if args.quick else 'full'} | out {out_dir}")
+    if ctx.compile:
+        progress("note: the torch.compile providers and the compiled decoders compile on first use, up to a minute "
+                 "or two each on a 2-core CPU with an empty compile cache (inductor keeps them on disk for later "
+                 "runs); --no-compile leaves them out")
 
     def save():
         doc["seconds"] = time.perf_counter() - t0

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import roofline, static_suite, train_suite
+from bench import decode_suite, roofline, static_suite, train_suite
+from bench.common import RunContext
 from gpt import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,3 +187,13 @@ def test_kernel_modes_default_to_every_implementation_that_runs_here():
     from bench.run import kernel_modes
     assert kernel_modes(None, torch.device("cpu")) == ["torch"]
     assert kernel_modes("auto", torch.device("cpu")) == ["torch"]
+
+
+def test_a_quick_run_compiles_one_decoder_unless_presets_are_named():
+    """Each compiled decoder costs about a minute on 2 cores from an empty compile cache: the default quick
+    run compiles one (the first preset at batch 1), --full or --preset every one asked for."""
+    presets = ["shakespeare_cpu", "tiny", "small"]
+    ctx = lambda quick, named=None: RunContext(torch.device("cpu"), quick, torch.bfloat16, ["torch"], presets=named)
+    assert decode_suite.compiled_runs(presets, ctx(True)) == (["shakespeare_cpu"], (1,))
+    assert decode_suite.compiled_runs(presets, ctx(False)) == (presets, decode_suite.BATCHES)
+    assert decode_suite.compiled_runs(["small"], ctx(True, ["small"])) == (["small"], decode_suite.BATCHES)
