@@ -1,6 +1,6 @@
 """One benchmark runner: kernels, training throughput/MFU, decoding, static GPU estimates, data-parallel scaling.
 
-    python bench/run.py                      # quick suite: all five suites, small sweeps (< 5 min on 2 CPU cores)
+    python bench/run.py                      # quick suite: all five suites, small sweeps (2-6 min on 2 CPU cores)
     python bench/run.py --full               # the complete sweeps (minutes on a GPU, long on a CPU)
     python bench/run.py --suite kernels --sizes 1024,4096 --device cuda
     python bench/run.py --suite dist         # data-parallel scaling: CPU ranks (measured), H100 clusters (estimated)
