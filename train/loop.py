@@ -559,7 +559,7 @@ class Trainer:
         remaining = clock.remaining(st.iter, meter.seconds_per_iter(st.iter))
         self._record({"iter": st.iter, "loss": mean_loss, "lr": lr, "tok_per_s": tps, "mfu": mfu,
                       "tokens": st.tokens, "elapsed": elapsed})
-        # The limit that will end the run shows: iter N/max_iters, or elapsed/budget (or both, when close).
+        # iter N/max_iters where the step count ends the run first; elapsed/budget whenever there is a budget.
         per_iter = meter.seconds_per_iter(st.iter)
         steps = f"/{self.cfg.max_iters}" if clock.iters_end_first(st.iter, per_iter) else ""
         budget = f"/{_hms(clock.budget)}" if clock.budget is not None else ""
