@@ -25,7 +25,12 @@ class CheckpointError(RuntimeError):
     the run."""
 
 
-USER_ERRORS = (ConfigError, CheckpointError, KernelsUnavailable)
+class DiskFullError(OSError):
+    """A file could not be written because its disk (or quota) is full; the file it was replacing, if
+    any, is intact (gpt/files.py writes through a temp file)."""
+
+
+USER_ERRORS = (ConfigError, CheckpointError, KernelsUnavailable, DiskFullError)
 
 
 class GPTWarning(UserWarning):

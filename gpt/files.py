@@ -10,7 +10,9 @@ leaves the old file or the whole new one, never a torn one. Temp files from `tem
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -65,10 +67,49 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, default_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = _out_of_space(e, path.parent)
+        written = tmp.stat().st_size if full and tmp.exists() else 0
         tmp.unlink(missing_ok=True)
+        if full:
+            raise _disk_full(path, written) from None
         raise
     _fsync_dir(path.parent)
+
+
+def _out_of_space(e: BaseException, directory: Path) -> bool:
+    """Whether a write failed for want of space: ENOSPC/EDQUOT, or a writer that reports failed writes
+    its own way (torch.save raises RuntimeError "unexpected pos ...") while the disk is (nearly) full."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(e, RuntimeError):
+        try:
+            return shutil.disk_usage(directory).free < 1 << 20
+        except OSError:
+            return False
+    return False
+
+
+def _disk_full(path: Path, written: int):
+    from .errors import DiskFullError  # gpt.errors imports the kernels package; files.py stays light
+
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = 0
+    kept = f"; the previous {path.name} is intact" if path.exists() else ""
+    err = DiskFullError(f"no space left on the disk of {path.parent} while writing {path.name}: it had reached "
+                        f"{_size(written)} when the disk filled ({_size(free)} free without it){kept}; make room "
+                        f"for more than {_size(written)} there and run again")
+    err.errno = errno.ENOSPC
+    return err
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from gpt.cli import UNDERSCORE_NOTE, command_line_main
 from gpt.config import PRESETS, GPTConfig
 from gpt.ops import KERNEL_MODES
 
-from .config import MODEL_FIELDS, OPTIMIZERS, PARALLEL_MODES, SCHEDULES, TRAIN_PRESETS, TrainConfig, resolve_config
+from .config import BATCHING_MODES, MODEL_FIELDS, OPTIMIZERS, PARALLEL_MODES, SCHEDULES, TRAIN_PRESETS, TrainConfig, resolve_config
 from .errors import TRAIN_ERRORS
 from .loop import Trainer
 
@@ -31,7 +31,14 @@ HELP = {
                   ".txt/.jsonl/.json/.csv/.parquet file",
     "hf_config": "the dataset's configuration name (with --hf-dataset)",
     "hf_split": "the split to train on (with --hf-dataset); the val split is cut from it",
-    "text_field": "the column holding the text (with --hf-dataset)",
+    "text_field": "the column holding the text (with --hf-dataset, or a .jsonl/.parquet/.csv --dataset)",
+    "val_fraction": "the share held out for validation (default 0.1): the end of the text for a corpus of fewer "
+                    "than 100 documents, else a deterministic sample of whole documents",
+    "tokenizer_sample": "MB of text (a deterministic sample of whole documents) a bpe tokenizer is trained on",
+    "shard_tokens": "about this many tokens per prepared shard file",
+    "workers": "processes that tokenize when the data is prepared (default: the number of cores)",
+    "batching": "windows (random windows of the token stream) | documents (every row starts at a document, "
+                "rows filled best-fit) | auto (documents when the data was split by document)",
     # optimisation
     "optimizer": "adamw | muon (Muon for the blocks' matrices at --matrix-lr, AdamW at --lr for the rest)",
     "batch_size": "sequences per micro-batch, per rank under torchrun",
@@ -83,9 +90,10 @@ MODEL_HELP = {
 }
 # How a default of None reads in --help.
 DEFAULT_TEXT = {"vocab_size": "8192", "time_budget": "none", "hf_dataset": "none", "hf_config": "none",
-                "init_from": "none", "wandb_run_name": "the out dir's name"}
+                "init_from": "none", "wandb_run_name": "the out dir's name",
+                "val_fraction": "0.1", "workers": "the cores"}
 CHOICES = {"preset": list(PRESETS), "optimizer": list(OPTIMIZERS), "schedule": list(SCHEDULES),
-           "kernels": list(KERNEL_MODES), "parallel": list(PARALLEL_MODES)}
+           "kernels": list(KERNEL_MODES), "parallel": list(PARALLEL_MODES), "batching": list(BATCHING_MODES)}
 ALIASES = {"dataset": ["--data"], "gradient_checkpointing": ["--grad-checkpointing"]}
 
 

@@ -15,6 +15,7 @@ from .loggers import chosen as chosen_loggers
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "linear")  # the shape of the decay from lr to min_lr (train/loop.py lr_at)
 PARALLEL_MODES = ("auto", "ddp", "fsdp")  # see train/distributed.py
+BATCHING_MODES = ("auto", "windows", "documents")  # see train/data/batches.py
 
 
 @dataclass
@@ -31,6 +32,11 @@ class TrainConfig:
     hf_config: str | None = None
     hf_split: str = "train"
     text_field: str = "text"
+    val_fraction: float | None = None  # the val share (default 0.1): by position under 100 documents, else whole documents
+    tokenizer_sample: float = 100.0    # MB of documents (a deterministic sample) a bpe tokenizer is trained on
+    shard_tokens: int = 100_000_000    # about this many tokens per prepared shard
+    workers: int | None = None         # tokenizing processes when preparing data (default: the cores)
+    batching: str = "auto"             # windows | documents (rows start at documents) | auto (documents when split by document)
     # optimisation
     optimizer: str = "adamw"           # adamw | muon (Muon for the blocks' matrices, AdamW for the rest; train/optim.py)
     batch_size: int = 32               # sequences per micro-batch
@@ -89,6 +95,16 @@ class TrainConfig:
             raise ConfigError(f"unknown kernels {self.kernels!r}; choose one of: {', '.join(KERNEL_MODES)}")
         if self.parallel not in PARALLEL_MODES:
             raise ConfigError(f"unknown parallel mode {self.parallel!r}; choose one of: {', '.join(PARALLEL_MODES)}")
+        if self.batching not in BATCHING_MODES:
+            raise ConfigError(f"unknown batching {self.batching!r}; choose one of: {', '.join(BATCHING_MODES)}")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.shard_tokens < 1 << 16:
+            raise ConfigError(f"shard_tokens must be at least 65536, got {self.shard_tokens}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.tokenizer_sample <= 0:
+            raise ConfigError(f"tokenizer_sample is in MB and must be positive, got {self.tokenizer_sample}")
         if self.matrix_lr <= 0 or not 0 <= self.momentum < 1:
             raise ConfigError(f"need matrix_lr > 0 and 0 <= momentum < 1, got {self.matrix_lr}, {self.momentum}")
         if self.schedule not in SCHEDULES:
