@@ -3,12 +3,14 @@
 The loop's periodic eval samples eval_iters random windows (cheap, a little noisy); this reads the
 split in consecutive windows of block_size (the last one shorter), so the figure is exact for the
 split and comparable between runs. Prints the mean loss in nats and in bits per token (bits per
-character with the char tokenizer).
+character with the char tokenizer), and in bits per UTF-8 byte of the split's text, which does not
+depend on the tokenizer: runs with different tokenizers on one corpus compare by it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import numpy as np
@@ -23,18 +25,46 @@ from gpt.quantize import quantize_int8
 from gpt.runtime import autocast, dtype_name, resolve_device, resolve_dtype
 
 from .config import TrainConfig
-from .data import DataError, windows_at
+from .data import DataError
 from .errors import TRAIN_ERRORS
 from .loop import open_data, progress_bar
 
 
+class _Stream:
+    """A split's shards read as one token stream: windows may run from one shard into the next, so
+    every token but the split's first is predicted once, from the tokens before it."""
+
+    def __init__(self, tokens):
+        arrays = [s.tokens for s in tokens.shards] if hasattr(tokens, "shards") else [np.asarray(tokens)]
+        self.arrays = [a for a in arrays if len(a)]
+        self.ends = np.cumsum([len(a) for a in self.arrays])
+        self.n = int(self.ends[-1]) if len(self.ends) else 0
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        out, pos, stop = [], start, start + length
+        while pos < stop:
+            i = int(np.searchsorted(self.ends, pos, side="right"))
+            base = int(self.ends[i - 1]) if i else 0
+            take = min(stop, int(self.ends[i])) - pos
+            out.append(self.arrays[i][pos - base:pos - base + take])
+            pos += take
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def batch(self, starts: list[int], T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = np.stack([self.window(s, T + 1) for s in starts]).astype(np.int64)
+        x, y = torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
+        return x.to(device), y.to(device)
+
+
 @torch.no_grad()
-def split_loss(model, tokens: np.ndarray, batch_size: int, device: torch.device, dtype: torch.dtype,
+def split_loss(model, tokens, batch_size: int, device: torch.device, dtype: torch.dtype,
                progress: bool = False) -> tuple[float, int]:
-    """(mean cross-entropy in nats, number of tokens scored) of model over tokens[1:], each token
-    predicted from the preceding ones in its window of block_size."""
+    """(mean cross-entropy in nats, number of tokens scored) of model over a split: every token after
+    the first, each predicted from the preceding ones in its window of block_size. `tokens` is a
+    TokenSplit (train/data/shards.py; read across its shards as one stream) or a 1-D array."""
     T = model.config.block_size
-    n_pred = len(tokens) - 1
+    stream = _Stream(tokens)
+    n_pred = stream.n - 1
     if n_pred < 1:
         raise DataError("the split has fewer than 2 tokens: nothing to evaluate")
     starts = list(range(0, n_pred - T + 1, T))            # full windows
@@ -46,7 +76,7 @@ def split_loss(model, tokens: np.ndarray, batch_size: int, device: torch.device,
         bar = progress_bar(total=n_pred, unit="tok", unit_scale=True, leave=False)
     total = 0.0
     for group, L in batches:
-        x, y = windows_at(tokens, group, L, device)
+        x, y = stream.batch(group, L, device)
         with autocast(device, dtype):
             logits, _ = model(x)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
@@ -55,6 +85,14 @@ def split_loss(model, tokens: np.ndarray, batch_size: int, device: torch.device,
     if bar is not None:
         bar.close()
     return total / n_pred, n_pred
+
+
+def bits_per_byte(loss: float, n_scored: int, n_bytes: int) -> float | None:
+    """The split's total loss in bits over its UTF-8 bytes (None when the byte count is unknown): a
+    figure that does not depend on the tokenizer, so char, bpe and gpt2 runs on one corpus compare."""
+    if not n_bytes:
+        return None
+    return loss * n_scored / math.log(2) / n_bytes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +140,9 @@ def main(argv: list[str]) -> int:
         if data.tokenizer.to_dict() != ck["tokenizer"]:
             raise CheckpointError(f"the data at {cfg.data_dir} is tokenized differently from "
                                   f"checkpoint {args.ckpt}; pass the run's --data-dir")
-        loss, n = split_loss(model, data.split(args.split), args.batch_size, device, dtype, progress=True)
+        split = data.split(args.split)
+        loss, n = split_loss(model, split, args.batch_size, device, dtype, progress=True)
+        bpb = bits_per_byte(loss, n, getattr(split, "n_bytes", 0))
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
@@ -113,11 +153,12 @@ def main(argv: list[str]) -> int:
     bits = loss / float(np.log(2))
     if args.json:
         print(json.dumps({"ckpt": args.ckpt, "split": args.split, "tokens": n, "loss": loss,
-                          f"bits_per_{unit}": bits, "iter": ck.get("iter"), "dtype": dtype_name(dtype),
-                          "quantize": args.quantize}))
+                          f"bits_per_{unit}": bits, "bits_per_byte": bpb, "iter": ck.get("iter"),
+                          "dtype": dtype_name(dtype), "quantize": args.quantize}))
     else:
+        per_byte = f", {bpb:.4f} bits/byte" if bpb is not None else ""
         print(f"{args.ckpt} (iter {ck.get('iter')}): {args.split} loss {loss:.4f} nats/{unit} "
-              f"({bits:.4f} bits/{unit}) over all {n:,} {unit}s of the split, {dtype_name(dtype)}"
+              f"({bits:.4f} bits/{unit}{per_byte}) over all {n:,} {unit}s of the split, {dtype_name(dtype)}"
               + (", int8 weights" if args.quantize == "int8" else ""))
     return 0
 

@@ -13,7 +13,8 @@ from gpt.checkpoint import read_checkpoint
 from gpt.quantize import quantize_int8
 from kernels.testing import FWD_FACTOR, assert_close_to_reference
 from train.config import TrainConfig
-from train.evaluate import split_loss
+from train.data.shards import ShardWriter, TokenSplit, open_shard
+from train.evaluate import bits_per_byte, split_loss
 from train.loop import Trainer, open_data
 
 
@@ -31,6 +32,28 @@ def test_split_loss_scores_every_token_once_with_its_window_context(length):
         ref = [F.cross_entropy(model(data[(j - 1) // T * T:j][None])[0][0, -1], data[j]) for j in range(1, length)]
     # fp32 both ways, summed in another order: a few ulps of the ~3-nat mean.
     assert loss == pytest.approx(torch.stack(ref).mean().item(), rel=1e-5)
+
+
+def test_split_loss_reads_a_many_shard_split_as_one_stream(tmp_path):
+    """Windows run from one shard into the next: the loss and count equal those of the concatenation,
+    including a shard shorter than a window and an empty one."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, block_size=16, vocab_size=20)).eval()
+    tokens = np.random.default_rng(1).integers(0, 20, 201).astype(np.uint16)
+    shards = []
+    for i, (a, b) in enumerate([(0, 70), (70, 75), (75, 75), (75, 201)]):
+        with ShardWriter(tmp_path / f"s{i}.bin", np.uint16, "0" * 64) as w:
+            w.add(tokens[a:b], [0] if b > a else [])
+        shards.append(open_shard(tmp_path / f"s{i}.bin"))
+    split = TokenSplit("val", shards, n_bytes=1000)
+    cpu = torch.device("cpu")
+    got = split_loss(model, split, 4, cpu, torch.float32)
+    want = split_loss(model, tokens, 4, cpu, torch.float32)
+    assert got[1] == want[1] == 200
+    assert got[0] == pytest.approx(want[0], rel=1e-6)  # the same windows; only batch grouping could differ
+    # Bits per byte: the total loss in bits over the bytes; here 200 tokens of 5 bytes each.
+    assert bits_per_byte(got[0], got[1], 1000) == pytest.approx(got[0] * 200 / np.log(2) / 1000)
+    assert bits_per_byte(got[0], got[1], 0) is None
 
 
 def _per_token_losses(model, tokens: np.ndarray, T: int) -> torch.Tensor:
