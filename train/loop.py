@@ -4,6 +4,9 @@
 carried across resumes, the time budget, the schedule's progress), `_set_lr`, `_step` (one optimizer
 step over grad_accum micro-batches), `_Meter` and `_log_progress` (the log line and metrics.jsonl),
 `_eval_and_save`; `_stop_on_signals` turns Ctrl-C/SIGTERM into a stop at the next step boundary.
+Batches come from `train_loader` (train/data/loader.py: windows or documents, --batching; prefetched
+in a background thread on CUDA), whose state every checkpoint holds, so a resumed run trains on the
+very batches an uninterrupted one would have; evals have a loader per split, rewound at every eval.
 
 Under torchrun (train/distributed.py) the same loop runs on every rank: `batch_size` is per rank, so
 one optimizer step takes batch_size x grad_accum x world sequences; gradients are reduced on the last
@@ -25,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 
@@ -42,6 +46,8 @@ from .checkpoint import (load_full_state, load_sharded, read_meta, rng_state, sa
 from .config import TrainConfig
 from .consolidate import consolidate
 from .data import PreparedData, prepare_dataset
+from .data.loader import BatchLoader, make_loader, resolve_batching
+from .data.shards import Shard, TokenSplit
 from .distributed import clip_grad_norm, grad_sync, init_distributed, parallelize
 from .errors import TrainingError
 from .loggers import open_loggers, require as require_loggers
@@ -85,6 +91,17 @@ def open_data(cfg: TrainConfig, tokenizer: Tokenizer | None = None) -> PreparedD
                            vocab_size=None if tokenizer else cfg.vocab_size, hf_dataset=cfg.hf_dataset,
                            hf_config=cfg.hf_config, hf_split=cfg.hf_split, text_field=cfg.text_field,
                            prebuilt=tokenizer)
+
+
+def token_split(data: PreparedData, name: str) -> TokenSplit:
+    """One split of `data` as a TokenSplit: the one place the loop reads a PreparedData's splits. Data
+    whose split is a plain token array (as prepared before shards) becomes one shard with no document
+    starts and no byte count: windows batching only, and no bits per byte."""
+    split = data.split(name)
+    if isinstance(split, TokenSplit):
+        return split
+    path = Path(getattr(data, "dir", ".")) / f"{name}.bin"
+    return TokenSplit(name, [Shard(path, split, np.zeros(0, np.int64))])
 
 
 # Model fields a run may still set with --init-from: the architecture comes from the folder.
@@ -192,7 +209,9 @@ class Trainer:
             raise
 
     def close(self) -> None:
-        """End the process group if this Trainer started it (nothing for one process)."""
+        """Stop the prefetch thread; end the process group if this Trainer started it (nothing for one process)."""
+        if getattr(self, "train_loader", None) is not None:
+            self.train_loader.close()
         self.world.close()
 
     def _setup(self, trust_checkpoint: bool) -> None:
@@ -238,7 +257,20 @@ class Trainer:
         # Peak rate per group, from this run's config (a resumed run may change --lr).
         self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.data_gen = torch.Generator().manual_seed(cfg.seed)
+        # Batches: the train loader (state in every checkpoint; a prefetch thread on CUDA) and one loader per
+        # split for evals, rewound to its start at every eval so that every eval sees the same batches.
+        # auto: documents for data split by whole documents, else windows; a resumed run keeps its checkpoint's.
+        split_method = getattr(self.data, "split_method", "position")
+        saved_mode = (resume_state.get("data_state") or {"mode": "windows"})["mode"] if resume_state else None
+        if cfg.batching == "auto" and saved_mode is not None:
+            self.batching, self._batching_why = saved_mode, " (auto: the checkpoint's)"
+        else:
+            self.batching = resolve_batching(cfg.batching, split_method)
+            self._batching_why = f" (auto: split by {split_method})" if cfg.batching == "auto" else ""
+        self.splits = {name: token_split(self.data, name) for name in ("train", "val")}
+        self.train_loader = self._loader("train", cfg.seed)
+        self._eval_loaders = {name: self._loader(name, cfg.seed + 1, prefetch=False) for name in self.splits}
+        self._eval_starts = {name: loader.state_dict() for name, loader in self._eval_loaders.items()}
         self.state = RunState()
         self.resumed_from: Path | None = None  # the checkpoint (file or sharded directory) this run continues
         if resume_state is not None:
@@ -318,7 +350,7 @@ class Trainer:
         per_rank = ck.get("rng_per_rank") or [ck["rng"]]
         saved_world = len(per_rank)
         set_rng_state(per_rank[self.world.rank] if saved_world == self.world.size else per_rank[0])
-        self.data_gen.set_state(ck["data_rng"])
+        self._restore_batches(ck, source)
         self.state = RunState(**ck["run_state"])
         saved_budget = ck.get("train_config", {}).get("time_budget")
         self._saved_budget = saved_budget * 60 if saved_budget else 0.0
@@ -331,11 +363,30 @@ class Trainer:
                       f"model and optimizer state carry over exactly; the batches follow the new world size "
                       f"(the same as before if batch_size x ranks is unchanged), dropout's random streams restart")
 
-    def checkpoint_state(self, data_rng: torch.Tensor | None = None, torch_rng: dict | None = None,
+    def _restore_batches(self, ck: dict, source: Path) -> None:
+        """The train loader's state from a checkpoint: ``data_state`` (train/data/batches.py: windows, the
+        generator's state; documents, epoch, cursor, buffer and crop counters), or for a checkpoint from
+        before batching modes its ``data_rng`` (windows). The state is the same on every rank, so it
+        carries over to another number of ranks too. A checkpoint of the other mode (an explicit --batching
+        that differs; auto keeps the checkpoint's), or of a train split with another number of documents,
+        cannot be continued: the batches start afresh, with a note."""
+        state = ck.get("data_state") or {"mode": "windows", "rng": ck["data_rng"]}
+        if state.get("mode") != self.batching:
+            self._log(f"note: {source} drew {state.get('mode')} batches, this run draws {self.batching} "
+                      f"(--batching {self.cfg.batching}): its batches start afresh from --seed")
+            return
+        try:
+            self.train_loader.load_state_dict(state)
+        except ValueError as e:
+            self._log(f"note: {e} (the data changed since {source}): its batches start afresh from --seed")
+
+    def checkpoint_state(self, data_state: dict | None = None, torch_rng: dict | None = None,
                          weights: bool = True) -> dict:
         """The checkpoint dict (a collective under torchrun: every rank's RNG state is gathered).
-        weights=False leaves out model and optimizer (a sharded checkpoint's meta.pt)."""
+        weights=False leaves out model and optimizer (a sharded checkpoint's meta.pt). data_state: the
+        train loader's state to save (default: now, after the batches trained on)."""
         rng = torch_rng if torch_rng is not None else rng_state()
+        data_state = data_state if data_state is not None else self.train_loader.state_dict()
         state = {
             "model_config": self.model_config.to_dict(),
             "tokenizer": self.tokenizer.to_dict(),
@@ -344,8 +395,10 @@ class Trainer:
             "iter": self.state.iter,
             "run_state": vars(self.state).copy(),
             "rng": rng,
-            "data_rng": data_rng if data_rng is not None else self.data_gen.get_state(),
+            "data_state": data_state,
         }
+        if data_state["mode"] == "windows":
+            state["data_rng"] = data_state["rng"]  # where a checkpoint from before batching modes kept it
         if self.world.size > 1:
             state["rng_per_rank"] = self.world.gather_objects(rng)
         if weights:
@@ -379,27 +432,47 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean loss on eval_iters batches of each split; the same batches at every eval (own generator)."""
+        """Mean loss on eval_iters batches of each split, in the training's batching mode; the same batches
+        at every eval (each split's eval loader is rewound to its seeded start). Where a split's UTF-8
+        size is known, also its bits per byte: loss / ln 2 x the split's tokens / its bytes."""
         self.model.eval()
         out = {}
         # DDP: the wrapped module (no gradient sync to set up); FSDP: the sharded root itself.
         model = self.model if self.world.distributed else self.step_model
-        for split in ("train", "val"):
-            gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        for split, loader in self._eval_loaders.items():
+            loader.load_state_dict(self._eval_starts[split])
             total = torch.zeros((), device=self.device)
             for _ in range(self.cfg.eval_iters):
-                x, y = self._batch(split, gen)
+                x, y = loader.next_batch()
                 with autocast(self.device, self.dtype):
                     _, loss = model(x, y)
                 total += loss.detach().float()
             out[f"{split}_loss"] = self.world.mean(total / self.cfg.eval_iters).item()
+        for split, data in self.splits.items():
+            if data.n_bytes > 0:
+                out[f"{split}_bpb"] = out[f"{split}_loss"] / math.log(2) * data.n_tokens / data.n_bytes
         self.model.train()
         return out
 
-    def _batch(self, split: str, gen: torch.Generator):
-        """This rank's share of the next global batch (see train/data/batches.get_batch)."""
-        return self.data.get_batch(split, self.cfg.batch_size, self.model_config.block_size, self.device, gen,
-                                   shard=(self.world.rank, self.world.size))
+    def _loader(self, split: str, seed: int, prefetch: bool | None = None) -> BatchLoader:
+        """This rank's batches of one split in the run's batching mode (train/data/loader.py)."""
+        return make_loader(self.splits[split], self.batching, self.cfg.batch_size, self.model_config.block_size,
+                           rank=self.world.rank, world=self.world.size, seed=seed, device=self.device,
+                           prefetch=prefetch, name=f"the {self.data.name} {split} split")
+
+    def _batching_line(self) -> str:
+        """The batching mode (and why, under auto) and the size of each split."""
+        sizes = "; ".join(f"{name} {s.n_tokens:,} tokens, {len(s.shards)} shard{'s' * (len(s.shards) != 1)}"
+                          + (f", {s.n_docs:,} documents" if s.n_docs else "") for name, s in self.splits.items())
+        return f"data: {self.batching} batching{self._batching_why} | {sizes}"
+
+    def _cropped_summary(self) -> str | None:
+        """Documents batching: how many of the tokens drawn so far (this run and those it resumed) were cropped."""
+        state = self.train_loader.state_dict()
+        if state["mode"] != "documents":
+            return None
+        return (f"documents batching cropped {state['cropped']:,} of the {state['drawn']:,} tokens drawn "
+                f"({100 * self.train_loader.cropped_fraction:.1f}%): the tails of documents that did not fit a row")
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self, stop_at: int | None = None) -> dict:
@@ -426,12 +499,14 @@ class Trainer:
         ranks = f" x {world.size} ranks ({world.parallel})" if world.distributed else ""
         self._log(f"batch: {cfg.batch_size} sequences{' per rank' if ranks else ''} x {cfg.grad_accum} "
                   f"micro-steps{ranks} = {self.tokens_per_step:,} tokens/step")
+        self._log(self._batching_line())
         clock = _Clock(cfg, st.elapsed)
         with contextlib.ExitStack() as stack:
             self._metrics = stack.enter_context(open(self.out / "metrics.jsonl", "a")) if world.main else None
             self._bar = stack.enter_context(_progress(cfg, st.iter, st.elapsed)) if world.main else None
             self._loggers = stack.enter_context(open_loggers(cfg, self.out, world, start_iter=st.iter))  # --log
             stack.enter_context(self._stop_on_signals())
+            stack.callback(self.train_loader.close)  # the prefetch thread (it rewinds to the batches trained on)
             try:
                 stop_reason = self._run_steps(clock, stop_at)
                 if stop_reason == "stop_at":
@@ -461,6 +536,8 @@ class Trainer:
                 raise
             self._write(f"done ({stop_reason}): {st.iter} iters, {st.tokens:,} tokens in {_hms(st.elapsed)}; "
                         f"val loss {last_eval['val_loss']:.4f} (best {st.best_val:.4f}); checkpoint {self.checkpoint_location}")
+            if (cropped := self._cropped_summary()) is not None:
+                self._write(cropped)
         if world.parallel == "fsdp":
             self._consolidate()
         return {"iters": st.iter, "tokens": st.tokens, "elapsed": st.elapsed, **last_eval,
@@ -515,14 +592,14 @@ class Trainer:
 
     def _step_or_save_boundary(self, clock: _Clock) -> float:
         """One step; interrupted mid-step, it drops the partial step and saves the state from before it."""
-        data_rng, torch_rng = self.data_gen.get_state(), rng_state()
+        data_state, torch_rng = self.train_loader.state_dict(), rng_state()
         try:
             return self._step()
         except KeyboardInterrupt:  # a second Ctrl-C, or no signal handler in this thread
             if self.world.distributed:  # the other ranks may be inside this step's collectives
                 raise
             self.optimizer.zero_grad(set_to_none=True)
-            self._save_now(clock, data_rng=data_rng, torch_rng=torch_rng)
+            self._save_now(clock, data_state=data_state, torch_rng=torch_rng)
             raise _SavedInterrupt from None
 
     def _step(self) -> float:
@@ -530,7 +607,7 @@ class Trainer:
         cfg = self.cfg
         total = torch.zeros((), device=self.device)
         for i in range(cfg.grad_accum):
-            x, y = self._batch("train", self.data_gen)
+            x, y = self.train_loader.next_batch()
             with grad_sync(self.step_model, self.world, sync=i == cfg.grad_accum - 1):
                 with autocast(self.device, self.dtype):
                     _, loss = self.step_model(x, y)
@@ -611,9 +688,13 @@ class Trainer:
         if best:
             st.best_val = ev["val_loss"]
         self.save(best=best)
-        self._record({"iter": st.iter, **ev, "tokens": st.tokens, "elapsed": st.elapsed})
+        cropped = self.train_loader.cropped_fraction  # documents batching only
+        extra = {} if cropped is None else {"cropped_fraction": cropped}
+        self._record({"iter": st.iter, **ev, **extra, "tokens": st.tokens, "elapsed": st.elapsed})
+        bpb = f" | bpb train {ev['train_bpb']:.4f} val {ev['val_bpb']:.4f}" if "val_bpb" in ev and "train_bpb" in ev else ""
+        crop = f" | cropped {100 * cropped:.1f}%" if cropped is not None else ""
         self._write(f"eval @ {st.iter}: train {ev['train_loss']:.4f} | val {ev['val_loss']:.4f}"
-                    f"{' (best)' if best else ''} | saved {self.checkpoint_location}")
+                    f"{' (best)' if best else ''}{bpb}{crop} | saved {self.checkpoint_location}")
         if self.world.main:
             plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
         self._last_eval = (st.iter, ev)

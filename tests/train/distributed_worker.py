@@ -13,7 +13,9 @@ the results file after each one, so a scenario that ends the job (raise_at) come
 - logits: the trained model's logits on fixed tokens (an FSDP forward on every rank) are saved;
 - audit: every file rank 1 opens for writing, creates, renames or removes under out_dir is recorded;
 - single: rank 0 alone runs the scenario as one process (no torchrun environment) while rank 1 waits,
-  so one job can alternate one process, DDP and FSDP over the same run directory.
+  so one job can alternate one process, DDP and FSDP over the same run directory;
+- documents: a directory of token shards (tests/train/test_loop.py ShardedData) the run trains on instead
+  of its dataset, for --batching documents.
 Every scenario records the iteration it started from, the checkpoint it resumed from, and whether the
 files under its out_dir were left untouched (size, mtime and bytes).
 """
@@ -26,9 +28,12 @@ import signal
 import sys
 import time
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
+import train.loop
 from train.config import TrainConfig
 from train.distributed import TORCHRUN_VARS
 from train.errors import TrainingError
@@ -88,6 +93,23 @@ def run_single(sc: dict, rank: int) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def documents_data(shards: str | None):
+    """With a shard directory: the Trainer made inside trains on those shards (train.loop.open_data patched)."""
+    if not shards:
+        yield
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: tests.train.test_loop
+    from tests.train.test_loop import ShardedData
+    data = ShardedData(Path(shards), write=False)
+    real = train.loop.open_data
+    train.loop.open_data = lambda cfg, tokenizer=None: data
+    try:
+        yield
+    finally:
+        train.loop.open_data = real
+
+
 def run(spec: dict) -> None:
     rank = dist.get_rank()
     results = {}
@@ -101,7 +123,8 @@ def run(spec: dict) -> None:
             continue
         cfg = TrainConfig(**sc["cfg"])
         before = snapshot(cfg.out_dir) if rank == 0 else None
-        trainer = Trainer(cfg)
+        with documents_data(sc.get("documents")):
+            trainer = Trainer(cfg)
         started = {"start_iter": trainer.state.iter, "resumed_from": str(trainer.resumed_from)}
         step, k = trainer._step, {"n": trainer.state.iter}
 

@@ -33,6 +33,8 @@ from train.consolidate import consolidate
 from train.data import prepare_dataset
 from train.loop import Trainer
 
+from .test_loop import ShardedData
+
 WORKER = Path(__file__).with_name("distributed_worker.py")
 SMALL_MODEL = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=32)
 STEPS = 6
@@ -48,6 +50,8 @@ def root(tmp_path_factory) -> Path:
     words = "the quick brown fox jumps over a lazy dog and then runs away from the slow hunter".split()
     (root / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)))
     prepare_dataset(str(root / "corpus.txt"), "char", root / "data")  # the ranks then read the cache
+    (root / "shards").mkdir()
+    ShardedData(root / "shards")  # a corpus of documents, for --batching documents (the ranks open it)
     return root
 
 
@@ -89,6 +93,8 @@ SCENARIOS = [
                                                        else {"single": True, "batch_size": 4}),
            **({"stop_at": i} if i < 6 else {}))
       for i, mode in enumerate(["single", "ddp", "fsdp", "single", "fsdp", "ddp", "fsdp", "single"], start=1)],
+    dict(name="ddp_documents", parallel="ddp", batching="documents", documents=True),
+    dict(name="ddp_documents_half", parallel="ddp", batching="documents", documents=True, stop_at=3),
     dict(name="raise", parallel="ddp", eval_interval=2, raise_at=3),  # last: it ends the job
 ]
 # The checkpoint each phase of the mixed run must resume from: the newer of ckpt.pt and ckpt_sharded.
@@ -96,7 +102,8 @@ MIX_PHASES = {2: "ckpt.pt", 3: "ckpt.pt", 4: "ckpt_sharded", 5: "ckpt.pt", 6: "c
               8: "ckpt.pt"}
 
 
-WORKER_KEYS = ("stop_at", "signal_at", "raise_at", "nan_at", "budget_at", "logits", "audit", "replicas", "single")
+WORKER_KEYS = ("stop_at", "signal_at", "raise_at", "nan_at", "budget_at", "logits", "audit", "replicas", "single",
+               "documents")
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +115,8 @@ def job(root):
         sc = dict(sc)
         name, out = sc.pop("name"), sc.pop("out", None)
         extra = {k: sc.pop(k) for k in WORKER_KEYS if k in sc}
+        if extra.get("documents"):
+            extra["documents"] = str(root / "shards")
         scenarios.append({"name": name, "cfg": config(root, out or name, **sc), **extra})
     spec = root / "spec.json"
     spec.write_text(json.dumps({"results": str(root / "results.json"), "scenarios": scenarios}))
@@ -355,3 +364,42 @@ def test_a_sharded_only_run_resumes_in_one_process(root, job, references):
     two, one, tol = losses(root / "fsdp_adamw"), losses(run), loss_tolerance(references["adamw"])
     for i in range(4, STEPS + 1):
         assert abs(one[i] - two[i]) <= tol + ulps(two[i]), (i, one[i], two[i], tol)
+
+
+# -- --batching documents: rows packed from whole documents, one global schedule over the ranks -----------
+@pytest.fixture(scope="module")
+def document_references(root):
+    """One process per arrangement of the same 8 rows per step, in documents batching."""
+    data = ShardedData(root / "shards", write=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("train.loop.open_data", lambda cfg, tokenizer=None: data)
+        return [run_one_process(root, f"one_documents_{b}x{m}", batching="documents", batch_size=b, grad_accum=m)
+                for b, m in ARRANGEMENTS]
+
+
+def test_two_ranks_in_documents_batching_train_like_one_process_with_twice_the_batch(root, job, document_references):
+    assert_matches_one_process(root / "ddp_documents", document_references)
+    two = read_checkpoint(root / "ddp_documents" / "ckpt.pt")["data_state"]
+    for ref in document_references:  # the packer's state is global: the same for any split of the rows
+        one = read_checkpoint(ref / "ckpt.pt")["data_state"]
+        assert {k: v for k, v in one.items() if k != "buffer"} == {k: v for k, v in two.items() if k != "buffer"}
+        assert torch.equal(one["buffer"], two["buffer"])
+    assert two["mode"] == "documents" and two["cropped"] > 0
+
+
+def test_a_two_rank_documents_checkpoint_resumes_in_one_process_with_the_same_rows(root, job, document_references):
+    """Paused at step 3 by 2 ranks (2 rows each per micro-step), resumed by one process with 4: the
+    document state is global, so the rest of the run packs the very same rows."""
+    run = root / "ddp_documents_half_on_one"
+    shutil.copytree(root / "ddp_documents_half", run)
+    data = ShardedData(root / "shards", write=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("train.loop.open_data", lambda cfg, tokenizer=None: data)
+        Trainer(TrainConfig(**config(root, run.name, batching="documents", batch_size=4, resume=True))).train()
+    two, one, tol = losses(root / "ddp_documents"), losses(run), loss_tolerance(document_references)
+    for i in range(4, STEPS + 1):
+        assert abs(one[i] - two[i]) <= tol + ulps(two[i]), (i, one[i], two[i], tol)
+    a = read_checkpoint(run / "ckpt.pt")["data_state"]
+    b = read_checkpoint(root / "ddp_documents" / "ckpt.pt")["data_state"]
+    assert (a["cursor"], a["cropped"], a["drawn"]) == (b["cursor"], b["cropped"], b["drawn"])
+    assert torch.equal(a["buffer"], b["buffer"])

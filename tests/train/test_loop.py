@@ -103,7 +103,7 @@ def test_interrupt_saves_a_checkpoint_that_resumes_exactly(tmp_path, data_dir, m
     def step():
         calls.append(1)
         if len(calls) == 8:
-            trainer.data.get_batch("train", 8, 32, "cpu", trainer.data_gen)  # consume RNG mid-step
+            trainer.train_loader.next_batch()  # consume a batch mid-step
             raise KeyboardInterrupt
         return real_step()
     trainer._step = step
@@ -509,3 +509,136 @@ def test_flags_take_their_underscore_spelling(argv, expected):
     assert kebab_flags(argv) == expected
     cfg, _ = parse(kebab_flags(["--max_iters", "5", "--no_compile", "--n_layer=2"]))
     assert cfg.max_iters == 5 and cfg.compile is False and cfg.model["n_layer"] == 2
+
+
+# -- batching modes (train/data/loader.py) on a corpus of documents, prepared here as token shards ----------
+class ShardedData:
+    """What train.data's PreparedData gives the loop for data prepared as token shards: a TokenSplit per
+    split and how the corpus was split (built here so these tests need no corpus download). write=False
+    opens the shards an earlier instance wrote under `root` (tests/train/distributed_worker.py)."""
+
+    def __init__(self, root: Path, n_docs: int = 300, seed: int = 0, write: bool = True):
+        import random
+        import numpy as np
+        from gpt.tokenizer import CharTokenizer
+        from train.data.shards import ShardWriter, TokenSplit, open_shard
+        rng = random.Random(seed)
+        words = "the quick brown fox jumps over a lazy dog and then runs away from the slow hunter".split()
+        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 30))) for _ in range(n_docs)]
+        self.name, self.dir, self.split_method = "docs", root, "documents"
+        self.tokenizer = CharTokenizer.from_text("".join(docs) + "\n")
+        sep = self.tokenizer.encode_array("\n\n")
+        self._splits = {}
+        for name, part, n_shards in (("train", docs[:-40], 2), ("val", docs[-40:], 1)):
+            shards, per = [], -(-len(part) // n_shards)
+            for i in range(n_shards):
+                if write:
+                    with ShardWriter(root / f"{name}-{i}.bin", np.uint16, "00" * 32) as w:
+                        for d in part[i * per:(i + 1) * per]:
+                            w.add(np.concatenate([self.tokenizer.encode_array(d), sep]), [0])
+                shards.append(open_shard(root / f"{name}-{i}.bin"))
+            self._splits[name] = TokenSplit(name, shards, n_bytes=sum(len(d.encode()) + 2 for d in part))
+
+    def split(self, name):
+        return self._splits[name]
+
+    def check_block_size(self, block_size):
+        pass
+
+
+@pytest.fixture
+def sharded(tmp_path, monkeypatch):
+    (tmp_path / "shards").mkdir()
+    data = ShardedData(tmp_path / "shards")
+    monkeypatch.setattr("train.loop.open_data", lambda cfg, tokenizer=None: data)
+    return data
+
+
+def records(out_dir) -> list[dict]:
+    return [json.loads(line) for line in Path(out_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("batching", ["documents", "windows"])
+def test_resume_continues_exactly_in_either_batching_mode_with_or_without_prefetch(tmp_path, sharded, batching, capsys):
+    """Documents: rows begin at documents (auto picks them for a corpus split by documents); windows: random
+    windows within the two train shards. The first half of the paused run prefetches in a thread."""
+    run = lambda sub, **kw: cfg_for(tmp_path / sub, "unused", batching="auto" if batching == "documents" else batching,
+                                    model=dict(SMALL_MODEL, dropout=0.1), **kw)
+    Trainer(run("a")).train()
+    said = capsys.readouterr().out
+    paused = Trainer(run("b"))
+    paused.train_loader = paused._loader("train", paused.cfg.seed, prefetch=True)
+    assert paused.train(stop_at=13)["iters"] == 13
+    assert paused.train_loader._thread is None  # train() stopped the thread
+    ck = read_checkpoint(tmp_path / "b" / "out" / "ckpt.pt")
+    assert ck["data_state"]["mode"] == batching and ("data_rng" in ck) == (batching == "windows")
+    Trainer(run("b", resume=True)).train()
+    a, b = train_losses(tmp_path / "a" / "out"), train_losses(tmp_path / "b" / "out")
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert [a[i] for i in range(14, 21)] == [b[i] for i in range(14, 21)]
+    ca, cb = (read_checkpoint(tmp_path / s / "out" / "ckpt.pt") for s in "ab")
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    # The log and metrics: the mode, bits per byte (the split's bytes are known) and, for documents, the crops.
+    auto = " (auto: split by documents)" if batching == "documents" else ""
+    assert f"data: {batching} batching{auto} | train " in said
+    evals = [r for r in records(tmp_path / "a" / "out") if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [10, 20]
+    split = sharded.split("val")
+    for r in evals:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) * split.n_tokens / split.n_bytes)
+        assert r["train_bpb"] > 0
+        assert ("cropped_fraction" in r) == (batching == "documents")
+    eval_line = next(line for line in said.splitlines() if line.startswith("eval @ 10"))
+    assert " | bpb train " in eval_line and (" | cropped " in eval_line) == (batching == "documents")
+    if batching == "documents":
+        assert 0 < evals[-1]["cropped_fraction"] < 1
+        assert ca["data_state"]["cropped"] == cb["data_state"]["cropped"] > 0
+        assert "documents batching cropped " in said
+
+
+def test_eval_batches_are_the_same_at_every_eval_in_documents_mode(tmp_path, sharded):
+    trainer = Trainer(cfg_for(tmp_path, "unused", batching="documents"))
+    first = trainer.evaluate()
+    trainer.train_loader.next_batch()  # training draws move on; the eval batches do not
+    assert trainer.evaluate() == first
+    assert set(first) == {"train_loss", "val_loss", "train_bpb", "val_bpb"}
+
+
+def test_a_checkpoint_from_before_batching_modes_resumes_in_windows_mode(tmp_path, sharded):
+    run = lambda sub, **kw: cfg_for(tmp_path / sub, "unused", batching="windows", **kw)
+    Trainer(run("a")).train()
+    Trainer(run("b")).train(stop_at=13)
+    path = tmp_path / "b" / "out" / "ckpt.pt"
+    ck = read_checkpoint(path)
+    del ck["data_state"]  # only data_rng, as every checkpoint held before
+    save_checkpoint({k: v for k, v in ck.items() if k != "format_version"}, path)
+    Trainer(run("b", resume=True)).train()
+    a, b = train_losses(tmp_path / "a" / "out"), train_losses(tmp_path / "b" / "out")
+    assert [a[i] for i in range(14, 21)] == [b[i] for i in range(14, 21)]
+
+
+def test_resuming_in_the_other_batching_mode_says_the_batches_start_afresh(tmp_path, sharded, capsys):
+    Trainer(cfg_for(tmp_path, "unused", batching="windows")).train(stop_at=3)
+    capsys.readouterr()
+    trainer = Trainer(cfg_for(tmp_path, "unused", batching="documents", resume=True))
+    assert "drew windows batches, this run draws documents (--batching documents): its batches start afresh" \
+        in capsys.readouterr().out
+    assert trainer.train_loader.state_dict()["drawn"] == 0
+    capsys.readouterr()
+    trainer = Trainer(cfg_for(tmp_path, "unused", batching="auto", resume=True))  # auto: the checkpoint's mode
+    assert trainer.batching == "windows" and "note:" not in capsys.readouterr().out
+    trainer.train()
+    assert "data: windows batching (auto: the checkpoint's) | train " in capsys.readouterr().out
+
+
+def test_data_prepared_as_plain_arrays_trains_in_windows_mode_only(tmp_path, sharded, monkeypatch):
+    """A split that is one token array (data prepared before shards): one shard, no document starts,
+    no bytes: windows batching, no bits per byte, and documents batching is one clear error."""
+    monkeypatch.setattr(sharded, "split", lambda name: sharded._splits[name].array())
+    monkeypatch.setattr(sharded, "split_method", "position")
+    trainer = Trainer(cfg_for(tmp_path, "unused", max_iters=2, eval_interval=2))
+    assert trainer.batching == "windows" and set(trainer.train()) >= {"val_loss"}
+    assert "val_bpb" not in records(tmp_path / "out")[-1]
+    with pytest.raises(DataError, match="the docs train split records no document starts.*--batching windows"):
+        Trainer(cfg_for(tmp_path / "x", "unused", batching="documents"))
