@@ -32,7 +32,7 @@ HELP = {
     "hf_config": "the dataset's configuration name (with --hf-dataset)",
     "hf_split": "the split to train on (with --hf-dataset); the val split is cut from it",
     "text_field": "the column holding the text (with --hf-dataset, or a .jsonl/.parquet/.csv --dataset)",
-    "val_fraction": "the share held out for validation (default 0.1): the end of the text for a corpus of fewer "
+    "val_fraction": "the share held out for validation: the end of the text for a corpus of fewer "
                     "than 100 documents, else a deterministic sample of whole documents",
     "tokenizer_sample": "MB of text (a deterministic sample of whole documents) a bpe tokenizer is trained on",
     "shard_tokens": "about this many tokens per prepared shard file",
