@@ -36,7 +36,7 @@ HELP = {
                     "than 100 documents, else a deterministic sample of whole documents",
     "tokenizer_sample": "MB of text (a deterministic sample of whole documents) a bpe tokenizer is trained on",
     "shard_tokens": "about this many tokens per prepared shard file",
-    "workers": "processes that tokenize when the data is prepared (default: the number of cores)",
+    "workers": "processes that tokenize when the data is prepared",
     "batching": "windows (random windows of the token stream) | documents (every row starts at a document, "
                 "rows filled best-fit) | auto (documents when the data was split by document)",
     # optimisation

@@ -87,10 +87,9 @@ def lr_at(cfg: TrainConfig, it: int, progress: float) -> float:
 def open_data(cfg: TrainConfig, tokenizer: Tokenizer | None = None) -> PreparedData:
     """The run's dataset, tokenized and cached under cfg.data_dir (built on first use); with the given
     tokenizer (a model imported with --init-from brings its own) instead of cfg.tokenizer."""
-    return prepare_dataset(None if cfg.hf_dataset else cfg.dataset, cfg.tokenizer, cfg.data_dir,
-                           vocab_size=None if tokenizer else cfg.vocab_size, hf_dataset=cfg.hf_dataset,
-                           hf_config=cfg.hf_config, hf_split=cfg.hf_split, text_field=cfg.text_field,
-                           prebuilt=tokenizer)
+    from .data.tokens import prepare_from_config  # the call python -m train.prepare makes: the same data
+
+    return prepare_from_config(cfg, tokenizer)
 
 
 def token_split(data: PreparedData, name: str) -> TokenSplit:

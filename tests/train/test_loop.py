@@ -484,7 +484,7 @@ def test_files_the_package_writes_get_the_umask_mode(tmp_path, data_dir):
     finally:
         os.umask(old)
     files = [p for d in ("data", "out", "export") for p in (tmp_path / d).rglob("*") if p.is_file()]
-    assert {"ckpt.pt", "ckpt_best.pt", "loss.png", "model.safetensors", "meta.json"} <= {p.name for p in files}
+    assert {"ckpt.pt", "ckpt_best.pt", "loss.png", "model.safetensors", "manifest.json", "train-00000.bin"} <= {p.name for p in files}
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {oct(0o640)}, modes
 

