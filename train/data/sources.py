@@ -406,7 +406,8 @@ class FileSource(Source):
             row = 0
             try:
                 if self.kind == "parquet":
-                    pf = mod.ParquetFile(path)
+                    # Buffered reads of the column chunk: without, a row group is read whole into memory.
+                    pf = mod.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
                     meta = pf.metadata
                     avg = max(self.text_bytes // max(self._parquet_rows, 1), 1)
                     batch_rows = int(min(max((1 << 20) // avg, 1), 8192))
