@@ -528,6 +528,11 @@ def test_the_cli_prepares_what_train_then_finds(tmp_path, capsys):
     # The same main() in this process (a subprocess costs seconds of imports): reuse, and a bad flag.
     assert prepare_main(["--data", str(tmp_path / "c"), "--data_dir", str(tmp_path / "d"), "--val-fraction", "0.2"]) == 0
     assert "reused (already prepared)" in capsys.readouterr().out
+    # --config: a run's config file (other settings in it are the run's business).
+    (tmp_path / "run.toml").write_text(f'dataset = "{tmp_path / "c"}"\ndata_dir = "{tmp_path / "d"}"\n'
+                                       f'val_fraction = 0.2\nmax_iters = 7\n')
+    assert prepare_main(["--config", str(tmp_path / "run.toml")]) == 0
+    assert "reused (already prepared)" in capsys.readouterr().out
     assert prepare_main(["--dataset", str(tmp_path / "missing.txt"), "--data-dir", str(tmp_path / "d")]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.strip().splitlines() == [
