@@ -1,9 +1,10 @@
-"""One benchmark runner: kernels, training throughput/MFU, decoding, static GPU estimates, data-parallel scaling.
+"""One benchmark runner: kernels, training throughput/MFU, decoding, static GPU estimates, data-parallel scaling, data.
 
     python bench/run.py                      # quick suite: all five suites, small sweeps (2-6 min on 2 CPU cores)
     python bench/run.py --full               # the complete sweeps (minutes on a GPU, long on a CPU)
     python bench/run.py --suite kernels --sizes 1024,4096 --device cuda
     python bench/run.py --suite dist         # data-parallel scaling: CPU ranks (measured), H100 clusters (estimated)
+    python bench/run.py --suite data --full  # data preparation at 1 and 4 GiB per format, the loader (~25 min on 2 cores)
 
 Prints aligned tables, writes DIR/results.json (machine, versions, git commit, command, every
 measurement, each marked "measured" or "estimated") and PNG plots, and ends with one JSON line.
@@ -26,7 +27,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from bench import decode_suite, dist_suite, kernel_suite, plots, static_suite, train_suite  # noqa: E402
+from bench import data_suite, decode_suite, dist_suite, kernel_suite, plots, static_suite, train_suite  # noqa: E402
 from bench.common import RunContext, log, progress  # noqa: E402
 from bench.timing import measure_copy_bandwidth  # noqa: E402
 from gpt import ops  # noqa: E402
@@ -36,7 +37,7 @@ from gpt.errors import USER_ERRORS  # noqa: E402
 from gpt.runtime import (DTYPES, cpu_has_native_bf16, dtype_name, measure_matmul_flops, peak_flops,  # noqa: E402
                          resolve_device)
 
-SUITES = ("kernels", "train", "decode", "static", "dist")
+SUITES = ("kernels", "train", "decode", "static", "dist", "data")
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = 1
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.split("\n\n")[0], epilog=UNDERSCORE_NOTE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="all",
-                   help="comma-separated: kernels, train, decode, static, dist, or all (default: all)")
+                   help="comma-separated: kernels, train, decode, static, dist, data, or all (default: all)")
     level = p.add_mutually_exclusive_group()
     level.add_argument("--quick", action="store_true",
                        help="small sweeps and few repeats (the default; finishes in minutes on a laptop CPU)")
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="train and dist suites: tokens per sequence (all presets)")
     p.add_argument("--new-tokens", type=int, default=None, help="decode suite: tokens to generate (32 quick, 256 full)")
     p.add_argument("--contexts", default=None, help="decode suite: comma-separated context lengths to sweep")
+    p.add_argument("--data-mb", default=None,
+                   help="data suite: comma-separated corpus sizes in MB of text (default: 64 quick, 1024,4096 full)")
+    p.add_argument("--data-formats", default=None,
+                   help=f"data suite: comma-separated corpus formats from {', '.join(data_suite.FORMATS)} "
+                        f"(default: jsonl quick, all full)")
     p.add_argument("--report-json", default=None,
                    help="static suite: summarize this kernels.report JSON instead of compiling again")
     return p
@@ -90,6 +96,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     if decode_suite.RECIPE in (args.presets or []) and others:
         p.error(f"--preset {decode_suite.RECIPE} (the CPU recipe's model) is for the decode suite only, not "
                 f"{', '.join(others)}; add --suite decode")
+    args.data_formats = [x.strip() for x in args.data_formats.split(",") if x.strip()] if args.data_formats else None
+    bad = [x for x in args.data_formats or [] if x not in data_suite.FORMATS]
+    if bad:
+        p.error(f"unknown data format(s) {bad}; choose from {', '.join(data_suite.FORMATS)}")
+    try:
+        args.data_mb = _ints(args.data_mb)
+    except ValueError:
+        p.error(f"--data-mb takes comma-separated whole numbers of MB, got {args.data_mb!r}")
+    if any(mb < 1 for mb in args.data_mb or []):
+        p.error("--data-mb sizes must be at least 1 MB")
     args.quick = not args.full
     return args
 
@@ -182,6 +198,11 @@ def summary(results: dict, out_dir: Path, seconds: float, ctx: RunContext, devic
     if dist:
         s["dist_tokens_per_s"] = {f"{r['preset']} {r['world_size']} CPU rank(s) {r['parallel']}":
                                   round(r["tokens_per_s"], 1) for r in dist}
+    prep = [r for r in results.get("data", []) if r.get("test") == "prepare"]
+    if prep:
+        s["data_prepare_tokens_per_s"] = {f"{r['format']} {r['input_mb']} MB {r['workers']} worker(s)":
+                                          round(r["tokens_per_s"]) for r in prep}
+        s["data_peak_pss_mb"] = round(max(r["peak_pss_mb"] for r in prep))
     comp = [r for r in results.get("static", []) if r.get("table") == "compile"]
     if comp:
         s["static_compiled"] = f"{sum(r['compiled'] for r in comp)}/{sum(r['configs'] for r in comp)}"
@@ -229,7 +250,7 @@ def main(argv: list[str]) -> int:
     log(f"bench: {device_name} | torch {torch.__version__} | triton {doc['machine']['triton']} | "
         f"{torch.get_num_threads()} threads | suites {','.join(args.suites)} | "
         f"{'quick' if args.quick else 'full'} | out {out_dir}")
-    if ctx.compile:
+    if ctx.compile and any(s in args.suites for s in ("kernels", "train", "decode")):
         progress("note: the torch.compile providers and the compiled decoders compile on first use, up to a minute "
                  "or two each on a 2-core CPU with an empty compile cache (inductor keeps them on disk for later "
                  "runs); --no-compile leaves them out")
@@ -254,6 +275,8 @@ def main(argv: list[str]) -> int:
         "static": (lambda: static_suite.run(ctx, out_dir, args.report_json), static_suite.print_tables,
                    lambda r: plots.static(r, out_dir)),
         "dist": (lambda: dist_suite.run(ctx), dist_suite.print_tables, lambda r: plots.dist(r, out_dir)),
+        "data": (lambda: data_suite.run(ctx, args.data_mb, args.data_formats), data_suite.print_tables,
+                 lambda r: []),
     }
     for name in args.suites:
         run, print_tables, plot = suites[name]

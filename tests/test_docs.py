@@ -24,7 +24,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SHELL_BLOCK = re.compile(r"^```(?:bash|sh|shell)\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 # Every command-line tool of the package, by the module whose build_parser() defines it.
-CLIS = ["train.__main__", "train.evaluate", "train.consolidate", "gpt.sample", "gpt.export", "bench.run",
+CLIS = ["train.__main__", "train.prepare", "train.evaluate", "train.consolidate", "gpt.sample", "gpt.export", "bench.run",
         "bench.gpu_check", "bench.muon_ns", "kernels.report"]
 
 

@@ -37,7 +37,7 @@ def quick_run(tmp_path_factory):
     report.write_text(json.dumps(FAKE_REPORT))
     cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--suite", "all", "--device", "cpu",
            "--preset", "tiny", "--sizes", "64", "--no-compile", "--batch-size", "2", "--seq-len", "32",
-           "--new-tokens", "4", "--contexts", "16", "--threads", "1", "--report-json", str(report),
+           "--new-tokens", "4", "--contexts", "16", "--threads", "1", "--report-json", str(report), "--data-mb", "1",
            "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -56,7 +56,7 @@ def test_results_json_has_machine_command_and_every_suite(quick_run):
     assert m["torch"] == torch.__version__
     assert "bench/run.py" in doc["command"] and "--quick" in doc["argv"]
     assert doc["calibration"]["kind"] == "measured" and doc["calibration"]["copy_gbps"] > 0
-    assert set(doc["results"]) == {"kernels", "train", "decode", "static", "dist"}
+    assert set(doc["results"]) == {"kernels", "train", "decode", "static", "dist", "data"}
     for suite, records in doc["results"].items():
         assert records, suite
         for r in records:  # every number says where it comes from
@@ -91,13 +91,22 @@ def test_each_suite_measured_what_it_should(quick_run):
     for r in dist:  # --batch-size and --seq-len are per rank
         assert r["kind"] == "measured" and r["batch_per_rank"] == 2 and r["seq"] == 32 and r["tokens_per_s"] > 0
     assert {(r["preset"], r["kind"]) for r in res["dist"] if r["table"] == "estimated"} == {("tiny", "estimated")}
+    prep = [r for r in res["data"] if r["test"] == "prepare"]
+    assert {(r["format"], r["input_mb"], r["workers"]) for r in prep} == {("jsonl", 1, 1), ("jsonl", 1, 2)}
+    for r in prep:  # both worker counts tokenized the same corpus into the same number of tokens
+        assert r["tokens"] == prep[0]["tokens"] > 200_000 and r["peak_pss_mb"] > 0 and r["disk_bytes_per_token"] > 2
+    loader = [r for r in res["data"] if r["test"] == "loader"]
+    assert {(r["batching"], r["block_size"]) for r in loader} == {(m, T) for m in ("windows", "documents")
+                                                                    for T in (256, 1024, 2048)}
+    assert all((r["cropped_pct"] is None) == (r["batching"] == "windows") for r in loader)
 
 
 def test_stdout_tables_plots_and_final_json_line(quick_run):
     stdout, doc, out = quick_run
     assert "Triton kernel numbers need a CUDA GPU" in stdout
     for title in ("kernels (MEASURED", "train: full step", "decode: greedy generation", "ESTIMATED best-case roofline",
-                  "dist: data-parallel training step on CPU ranks", "dist: ESTIMATED data-parallel scaling"):
+                  "dist: data-parallel training step on CPU ranks", "dist: ESTIMATED data-parallel scaling",
+                  "data preparation: python -m train.prepare", "loader: batches of 8 rows"):
         assert title in stdout, title
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary == doc["summary"]

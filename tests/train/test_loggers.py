@@ -89,7 +89,8 @@ def test_tensorboard_gets_metrics_jsonl_and_a_resume_replaces_what_followed_its_
 
     want = expected_scalars(out)
     assert set(want) == {"train/loss", "train/lr", "train/tok_per_s", "train/mfu", "train/tokens", "train/elapsed",
-                         "eval/train_loss", "eval/val_loss", "eval/tokens", "eval/elapsed"}
+                         "eval/train_loss", "eval/val_loss", "eval/train_bpb", "eval/val_bpb", "eval/tokens",
+                         "eval/elapsed"}
     assert sorted(want["train/loss"]) == list(range(1, 21)) and sorted(want["eval/val_loss"]) == [10, 20]
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})  # 0: keep every event
     acc.Reload()
