@@ -14,7 +14,7 @@ from kernels import KernelsUnavailable
 
 from .config import GPTConfig, preset_config
 from .generation.api import generate
-from .ops import check_mode, select as select_ops
+from .ops import check_fused_loss_mode, check_mode, resolve_fused_loss, select as select_ops
 
 
 def rope_table(block_size: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,11 +108,16 @@ class GPT(nn.Module):
     kernels: "auto" | "triton" | "torch" (gpt/ops.py), resolved for the device of the weights now and
         again whenever the model is moved (`.to`, `.cuda`, ...); see `use_kernels`.
     gradient_checkpointing: recompute each block in the backward instead of keeping its activations.
+    fused_loss: "auto" | "on" | "off": with targets, the head and the loss as one op
+        (`ops.linear_cross_entropy`) that never holds the (B, T, vocab) logits; auto: on where that saves
+        memory (gpt/ops.py, resolve_fused_loss). See `use_fused_loss`.
     """
 
-    def __init__(self, config: GPTConfig, kernels: str = "auto", gradient_checkpointing: bool = False):
+    def __init__(self, config: GPTConfig, kernels: str = "auto", gradient_checkpointing: bool = False,
+                 fused_loss: str = "auto"):
         super().__init__()
         self.config = config
+        self.use_fused_loss(fused_loss)
         self.gradient_checkpointing = gradient_checkpointing
         self.quantized_param_counts: tuple[int, int] | None = None  # set by gpt.quantize.quantize_int8
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
@@ -149,6 +154,18 @@ class GPT(nn.Module):
         self._bind_ops()
         return out
 
+    def use_fused_loss(self, mode: str) -> "GPT":
+        """Compute the loss with the fused head ("on"), from materialized logits ("off"), or as "auto"
+        decides for this model's shape; from now on. Returns the model."""
+        self.fused_loss = check_fused_loss_mode(mode)
+        return self
+
+    def fused_loss_in_use(self) -> bool:
+        """True when forward(idx, targets) computes the loss with the fused head (and returns no logits).
+        A quantized head (gpt.quantize, int8 buffers) always takes the unfused path."""
+        return type(self.lm_head) is nn.Linear and \
+            resolve_fused_loss(self.fused_loss, self.config.vocab_size, self.config.n_embd)
+
     def kernels_in_use(self) -> str:
         """'triton' or 'torch' on the model's current device (KernelsUnavailable where 'triton' cannot run)."""
         if self.ops is None:
@@ -183,7 +200,8 @@ class GPT(nn.Module):
         choice = f"{self.kernels} -> {self.ops.name} ({device.type})" if self.ops is not None else \
             f"{self.kernels} (unavailable on {device.type})"
         return (f"params={self.num_params():,}, layers={c.n_layer}, heads={c.n_head}/{c.n_kv_head} (q/kv), "
-                f"d_model={c.n_embd}, kernels={choice}")
+                f"d_model={c.n_embd}, kernels={choice}, fused_loss={self.fused_loss} -> "
+                f"{'on' if self.fused_loss_in_use() else 'off'}")
 
     def cast_weights_(self, dtype: torch.dtype) -> "GPT":
         """Store the parameters in `dtype` for inference (half the bytes read per decoded token in
@@ -243,15 +261,24 @@ class GPT(nn.Module):
             cache.advance(T)
         return self.norm_f(x, op)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """logits (B, T, vocab) and the mean cross-entropy over targets != -1 (None without targets)."""
-        logits = self.lm_head(self.hidden_states(idx))
-        loss = None
-        if targets is not None:
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        """(logits (B, T, vocab), None) without targets; with targets, (logits, loss): the cross-entropy over
+        targets != -1, their mean ("mean", the default), "sum", or per position ("none": (B, T), 0 where
+        ignored). With the fused head in use (`fused_loss_in_use`) the logits are never made and None is
+        returned in their place, and a batch with every target ignored has mean loss 0 instead of NaN."""
+        h = self.hidden_states(idx)
+        if targets is None:
+            return self.lm_head(h), None
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+        if self.fused_loss_in_use():
+            loss = self.ops.linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                                 ignore_index=-1, reduction=reduction)
+            return None, (loss.view(targets.shape) if reduction == "none" else loss)
+        logits = self.lm_head(h)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=reduction)
+        return logits, (loss.view(targets.shape) if reduction == "none" else loss)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = None,
@@ -276,7 +303,8 @@ class GPT(nn.Module):
 
 
 def create_model(preset: str = "tiny", kernels: str = "auto", gradient_checkpointing: bool = False,
-                 **overrides) -> GPT:
+                 fused_loss: str = "auto", **overrides) -> GPT:
     """A freshly initialised GPT of the named preset (tiny/small/medium/large), GPTConfig fields overridden;
-    `kernels` and `gradient_checkpointing` as in `GPT`."""
-    return GPT(preset_config(preset, **overrides), kernels=kernels, gradient_checkpointing=gradient_checkpointing)
+    `kernels`, `gradient_checkpointing` and `fused_loss` as in `GPT`."""
+    return GPT(preset_config(preset, **overrides), kernels=kernels, gradient_checkpointing=gradient_checkpointing,
+               fused_loss=fused_loss)

@@ -139,6 +139,133 @@ def torch_swiglu_packed(gate_up):
     return torch_swiglu(*gate_up.chunk(2, dim=-1))
 
 
+# -- the output head and its loss in one op ----------------------------------------------------------
+
+# The PyTorch path never holds the (N, V) logits: rows go through in chunks whose fp32 logit tile (and the
+# softmax/gradient tile made from it in place) stays within this budget. 64 MiB: 333 rows at the GPT-2
+# vocabulary, the whole batch of a char model; large enough for the CPU matmuls to run at full speed.
+LOSS_CHUNK_BYTES = 64 << 20
+
+
+def loss_chunk_rows(vocab_size: int, budget: int = LOSS_CHUNK_BYTES) -> int:
+    """Rows per chunk of torch_linear_cross_entropy: one fp32 (rows, vocab) tile within `budget` bytes."""
+    return max(1, budget // (4 * vocab_size))
+
+
+def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype nn.Linear would multiply in here: autocast's where it is on, else the inputs' common dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+def _logit_grad(logits, lse, targets, valid, scale):
+    """In place: the fp32 logit tile (rows, V) -> d loss_row / d logits = softmax - onehot(target), times
+    scale (a number or a (rows,) tensor), zero on ignored rows."""
+    g = logits.sub_(lse[:, None]).exp_()
+    g[torch.arange(g.shape[0], device=g.device), targets.where(valid, 0)] -= 1.0
+    return g.mul_((valid.to(g.dtype) * scale)[:, None])
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """kernels.reference.linear_cross_entropy in chunks of rows. Forward: per chunk the logits (in the
+    matmul dtype, then fp32), their log-sum-exp and the target logit. With reduction mean/sum and a
+    gradient wanted, the gradients are made in the same pass (no second logit matmul) and the backward
+    only scales them; with "none" (a gradient per row) the backward recomputes each chunk's logits.
+    dW is accumulated in fp32 across chunks."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, ignore_index, reduction, chunk_rows):
+        mm = _matmul_dtype(x, weight)
+        n = x.shape[0]
+        valid = targets != ignore_index
+        denom = valid.sum().clamp(min=1).to(torch.float32) if reduction == "mean" else None
+        grads_now = reduction != "none" and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        with torch.autocast(x.device.type, enabled=False):
+            w = weight.to(mm)
+            losses = torch.empty(n, dtype=torch.float32, device=x.device)
+            dx = torch.empty(x.shape, dtype=torch.float32, device=x.device) if grads_now else None
+            dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grads_now else None
+            for s in range(0, n, chunk_rows):
+                xc, tc, vc = x[s:s + chunk_rows].to(mm), targets[s:s + chunk_rows], valid[s:s + chunk_rows]
+                logits = (xc @ w.t()).float()                                   # (rows, V)
+                lse = torch.logsumexp(logits, dim=-1)
+                target_logit = logits.gather(1, tc.where(vc, 0)[:, None])[:, 0]
+                losses[s:s + chunk_rows] = torch.where(vc, lse - target_logit, 0.0)
+                if grads_now:
+                    g = _logit_grad(logits, lse, tc, vc, 1.0 / denom if denom is not None else 1.0).to(mm)
+                    dx[s:s + chunk_rows] = g @ w
+                    dw += (g.t() @ xc).float()
+        ctx.reduction, ctx.ignore_index, ctx.chunk_rows, ctx.mm = reduction, ignore_index, chunk_rows, mm
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        if grads_now:
+            ctx.save_for_backward(dx, dw)
+        else:
+            ctx.save_for_backward(x, weight, targets)
+        ctx.grads_now = grads_now
+        if reduction == "none":
+            return losses
+        return losses.sum() / denom if denom is not None else losses.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.grads_now:
+            dx, dw = ctx.saved_tensors
+            grad_out = grad_out.float()
+            return (dx * grad_out).to(ctx.x_dtype), (dw * grad_out).to(ctx.w_dtype), None, None, None, None
+        x, weight, targets = ctx.saved_tensors
+        mm, rows = ctx.mm, ctx.chunk_rows
+        valid = targets != ctx.ignore_index
+        dx = torch.empty(x.shape, dtype=ctx.x_dtype, device=x.device)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            w = weight.to(mm)
+            for s in range(0, x.shape[0], rows):
+                xc, tc, vc = x[s:s + rows].to(mm), targets[s:s + rows], valid[s:s + rows]
+                logits = (xc @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                g = _logit_grad(logits, lse, tc, vc, grad_out[s:s + rows].float()).to(mm)
+                dx[s:s + rows] = (g @ w).to(ctx.x_dtype)
+                dw += (g.t() @ xc).float()
+        return dx, dw.to(ctx.w_dtype), None, None, None, None
+
+
+def torch_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, reduction: str = "mean",
+                               chunk_rows: int | None = None):
+    """kernels.linear_cross_entropy semantics in PyTorch, the logits never whole: x (N, D), weight (V, D),
+    targets (N,) -> the loss in fp32 ((N,) for reduction "none"). chunk_rows: rows per chunk (default
+    loss_chunk_rows(V)); the result does not depend on it beyond float rounding."""
+    if reduction not in reference.LOSS_REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {reference.LOSS_REDUCTIONS}, "
+                         f"got {reduction!r}")
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or targets.shape != x.shape[:1]:
+        raise ValueError(f"linear_cross_entropy: need x (N, D), weight (V, D), targets (N,); got "
+                         f"{tuple(x.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
+    rows = chunk_rows or loss_chunk_rows(weight.shape[0])
+    return _ChunkedLinearCrossEntropy.apply(x, weight, targets, ignore_index, reduction, max(1, rows))
+
+
+# The fused head is worth it where the logits are a large part of a step's memory: a vocabulary of at least
+# this many tokens and this many times the width (GPT-2's 50,257 tokens at width 512: on; the 8,192-token
+# BPE and char vocabularies: off, so those runs keep their numerics and the logits that forward returns).
+FUSED_LOSS_MODES = ("auto", "on", "off")
+FUSED_LOSS_MIN_VOCAB = 16384
+FUSED_LOSS_MIN_VOCAB_PER_WIDTH = 8
+
+
+def check_fused_loss_mode(mode: str) -> str:
+    if mode not in FUSED_LOSS_MODES:
+        raise ConfigError(f"unknown fused_loss mode {mode!r}; use one of {', '.join(FUSED_LOSS_MODES)}")
+    return mode
+
+
+def resolve_fused_loss(mode: str, vocab_size: int, n_embd: int) -> bool:
+    """Whether the loss goes through the fused head (linear_cross_entropy) for `mode` and this model shape."""
+    if check_fused_loss_mode(mode) != "auto":
+        return mode == "on"
+    return vocab_size >= FUSED_LOSS_MIN_VOCAB and vocab_size >= FUSED_LOSS_MIN_VOCAB_PER_WIDTH * n_embd
+
+
 _WARNED: set = set()
 
 
@@ -159,12 +286,14 @@ class Ops:
     swiglu_packed: Callable
     attention: Callable
     decode_attention: Callable   # (q, k_cache, v_cache, kv_len, scale=None), for a static KV cache
+    linear_cross_entropy: Callable  # (x, weight, targets, ignore_index=-1, reduction="mean"): head + loss
 
 
 # PyTorch's own fused ops for the row-wise math, SDPA for attention. Same semantics as
 # kernels/reference.py; intermediate rounding may differ in bf16/fp16.
 TORCH_OPS = Ops("torch", rms_norm=torch_rms_norm, rope=torch_rope, rope_qk=torch_rope_qk, swiglu=torch_swiglu,
-                swiglu_packed=torch_swiglu_packed, attention=sdpa_attention, decode_attention=torch_decode_attention)
+                swiglu_packed=torch_swiglu_packed, attention=sdpa_attention, decode_attention=torch_decode_attention,
+                linear_cross_entropy=torch_linear_cross_entropy)
 
 
 def _triton_attention(q, k, v, causal=True, scale=None):
@@ -183,10 +312,19 @@ def _triton_decode_attention(q, k, v, kv_len, scale=None):
     return kernels.decode_attention(q, k, v, kv_len, scale=scale)
 
 
+def _triton_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, reduction: str = "mean"):
+    autocast_on = torch.is_autocast_enabled(x.device.type)
+    if x.is_cuda and (torch.get_autocast_dtype("cuda") if autocast_on else x.dtype) == torch.float32:
+        # As for attention: exact fp32 tiles take no tensor cores and spill (kernels.report); fp32 runs chunk.
+        return torch_linear_cross_entropy(x, weight, targets, ignore_index, reduction)
+    return kernels.linear_cross_entropy(x, weight, targets, ignore_index=ignore_index, reduction=reduction)
+
+
 @functools.cache
 def triton_ops() -> Ops:
     """The Triton kernels (imported here, on first use: the PyTorch path never needs Triton)."""
-    own = {"attention": _triton_attention, "decode_attention": _triton_decode_attention}
+    own = {"attention": _triton_attention, "decode_attention": _triton_decode_attention,
+           "linear_cross_entropy": _triton_linear_cross_entropy}
     table = {f.name: getattr(kernels, f.name) for f in fields(Ops) if f.name != "name" and f.name not in own}
     return Ops("triton", **table, **own)
 

@@ -4,7 +4,8 @@ The public ops are the names in `OPS`: `kernels.rms_norm(x, weight, eps, residua
 `kernels.rope(x, cos, sin)` and `kernels.rope_qk(q, k, cos, sin)`, `kernels.swiglu(gate, up)` and
 `kernels.swiglu_packed(gate_up)`, `kernels.attention(q, k, v, causal, scale)`,
 `kernels.attention_with_lse(...)` and `kernels.decode_attention(q, k, v, kv_len, scale)` (a static KV cache
-masked by per-row lengths, inference only); `kernels.reference.<op>` has the same signature. They live in private
+masked by per-row lengths, inference only), `kernels.linear_cross_entropy(x, weight, targets, ignore_index,
+reduction)` (the output head and its loss, the logits never materialized); `kernels.reference.<op>` has the same signature. They live in private
 modules (`kernels._rms_norm`, ...), so a public name is always the function, never a submodule, and are
 imported on first use: `import kernels` and `kernels.reference` work without Triton.
 """
@@ -24,6 +25,7 @@ _MODULE_OF = {
     "attention": "_attention",
     "attention_with_lse": "_attention",
     "decode_attention": "_attention",
+    "linear_cross_entropy": "_linear_cross_entropy",
 }
 OPS = tuple(_MODULE_OF)
 # The modules holding @triton.jit kernels, in the order `python -m kernels.report` compiles them.

@@ -14,7 +14,7 @@ import torch
 
 from gpt.cli import UNDERSCORE_NOTE, command_line_main
 from gpt.config import PRESETS, GPTConfig
-from gpt.ops import KERNEL_MODES
+from gpt.ops import FUSED_LOSS_MODES, KERNEL_MODES
 
 from .config import BATCHING_MODES, MODEL_FIELDS, OPTIMIZERS, PARALLEL_MODES, SCHEDULES, TRAIN_PRESETS, TrainConfig, resolve_config
 from .errors import TRAIN_ERRORS
@@ -58,6 +58,8 @@ HELP = {
     # runtime
     "device": "auto | cpu | cuda | cuda:N | mps", "dtype": "auto | float32 | bfloat16 | float16",
     "kernels": "Triton kernels or PyTorch ops (auto: Triton on CUDA)", "compile": "torch.compile the model",
+    "fused_loss": "the output head and the loss as one op that never holds the logits (less memory): on | off | "
+                  "auto (on for a vocabulary of 16384+ tokens and 8+ times the width, e.g. --tokenizer gpt2)",
     "parallel": "under torchrun: ddp (replicate, average gradients) | fsdp (shard parameters, gradients, "
                 "optimizer state); auto: ddp when there are several ranks",
     "gradient_checkpointing": "recompute each block in the backward (less memory, ~30%% more compute)",
@@ -93,7 +95,7 @@ DEFAULT_TEXT = {"vocab_size": "8192", "time_budget": "none", "hf_dataset": "none
                 "init_from": "none", "wandb_run_name": "the out dir's name",
                 "val_fraction": "0.1", "workers": "the cores"}
 CHOICES = {"preset": list(PRESETS), "optimizer": list(OPTIMIZERS), "schedule": list(SCHEDULES),
-           "kernels": list(KERNEL_MODES), "parallel": list(PARALLEL_MODES), "batching": list(BATCHING_MODES)}
+           "kernels": list(KERNEL_MODES), "fused_loss": list(FUSED_LOSS_MODES), "parallel": list(PARALLEL_MODES), "batching": list(BATCHING_MODES)}
 ALIASES = {"dataset": ["--data"], "gradient_checkpointing": ["--grad-checkpointing"]}
 
 

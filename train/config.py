@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gpt.config import PRESETS, GPTConfig, preset_config
 from gpt.errors import ConfigError
-from gpt.ops import KERNEL_MODES
+from gpt.ops import FUSED_LOSS_MODES, KERNEL_MODES
 
 from .loggers import chosen as chosen_loggers
 
@@ -57,6 +57,7 @@ class TrainConfig:
     device: str = "auto"               # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                # auto | float32 | bfloat16 | float16 (autocast; see gpt/runtime.py)
     kernels: str = "auto"              # auto | triton | torch (gpt/ops.py): a run-time choice, not saved with the model
+    fused_loss: str = "auto"           # auto | on | off: the head and the loss as one op (gpt/ops.py); run-time, not saved with the model
     compile: bool = False              # torch.compile the model
     parallel: str = "auto"             # under torchrun: ddp | fsdp (auto: ddp when several ranks; train/distributed.py)
     gradient_checkpointing: bool = False  # recompute each block in the backward: less memory, ~30% more compute
@@ -93,6 +94,8 @@ class TrainConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.kernels not in KERNEL_MODES:
             raise ConfigError(f"unknown kernels {self.kernels!r}; choose one of: {', '.join(KERNEL_MODES)}")
+        if self.fused_loss not in FUSED_LOSS_MODES:
+            raise ConfigError(f"unknown fused_loss {self.fused_loss!r}; choose one of: {', '.join(FUSED_LOSS_MODES)}")
         if self.parallel not in PARALLEL_MODES:
             raise ConfigError(f"unknown parallel mode {self.parallel!r}; choose one of: {', '.join(PARALLEL_MODES)}")
         if self.batching not in BATCHING_MODES:

@@ -15,12 +15,11 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gpt.checkpoint import load_model
 from gpt.cli import UNDERSCORE_NOTE, command_line_main
 from gpt.errors import CheckpointError, ConfigError
-from gpt.ops import KERNEL_MODES
+from gpt.ops import FUSED_LOSS_MODES, KERNEL_MODES
 from gpt.quantize import quantize_int8
 from gpt.runtime import autocast, dtype_name, resolve_device, resolve_dtype
 
@@ -78,8 +77,8 @@ def split_loss(model, tokens, batch_size: int, device: torch.device, dtype: torc
     for group, L in batches:
         x, y = stream.batch(group, L, device)
         with autocast(device, dtype):
-            logits, _ = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            _, loss_sum = model(x, y, reduction="sum")  # the fused head where the model uses it
+        total += loss_sum.item()
         if bar is not None:
             bar.update(len(group) * L)
     if bar is not None:
@@ -106,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (autocast)")
     p.add_argument("--kernels", default="auto", choices=KERNEL_MODES,
                    help="Triton kernels or PyTorch ops (auto: Triton on CUDA); whatever the model trained with")
+    p.add_argument("--fused-loss", default="auto", choices=FUSED_LOSS_MODES,
+                   help="score with the fused head and loss, which never holds the logits (auto: for large "
+                        "vocabularies; the same losses within float rounding)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="also load checkpoints that need pickle (older formats); this can run code in the file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
@@ -124,6 +126,7 @@ def main(argv: list[str]) -> int:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         model, tokenizer, ck = load_model(args.ckpt, device, kernels=args.kernels, trust=args.trust_checkpoint)
+        model.use_fused_loss(args.fused_loss)
         model.kernels_in_use()  # 'triton' where it cannot run: one clear line, before the data is opened
         if args.quantize == "int8":
             quantize_int8(model.eval())

@@ -241,7 +241,8 @@ class Trainer:
         self.model_config = init[0] if init else cfg.model_config(self.tokenizer.vocab_size)
         self.data.check_block_size(self.model_config.block_size)
 
-        self.model = GPT(self.model_config, kernels=cfg.kernels, gradient_checkpointing=cfg.gradient_checkpointing)
+        self.model = GPT(self.model_config, kernels=cfg.kernels, gradient_checkpointing=cfg.gradient_checkpointing,
+                         fused_loss=cfg.fused_loss)
         if init and resume_state is None:  # a resumed run takes its weights from the checkpoint
             self.model.load_state_dict(init[1])
             self._log(f"initialized from {cfg.init_from}: {self.model.num_params():,} params, "

@@ -34,6 +34,7 @@ EXPECTED_KERNELS = {
     "kernels._swiglu": {"_swiglu_fwd_kernel", "_swiglu_bwd_kernel"},
     "kernels._attention": {"_attn_fwd_kernel", "_attn_decode_kernel", "_attn_combine_kernel",
                           "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"},
+    "kernels._linear_cross_entropy": {"_lce_fwd_kernel", "_lce_bwd_dx_kernel", "_lce_bwd_dw_kernel"},
 }
 
 
