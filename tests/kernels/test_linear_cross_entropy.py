@@ -115,3 +115,26 @@ def test_bad_inputs_are_clear_errors():
         kernels.linear_cross_entropy(x, w[:, :8], t)
     with pytest.raises(ValueError, match="reduction"):
         torch_linear_cross_entropy(x, w, t, reduction="avg")
+
+
+@pytest.mark.parametrize("path", FNS)
+def test_fullgraph_compile_forward_backward(path):
+    """Both paths trace under torch.compile(fullgraph=True) (the Triton one as a custom op), same results."""
+    torch._dynamo.reset()
+    x, w, t = _inputs(21, 32, 65, torch.float32, ignored=0.2)
+
+    def grads(fn):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fn(xs, ws, t, reduction="mean")
+        return out, *torch.autograd.grad(out, (xs, ws))
+
+    want = grads(FNS[path])
+    got = grads(torch.compile(FNS[path], fullgraph=True, backend="aot_eager"))
+    for g, wnt in zip(got, want):
+        torch.testing.assert_close(g, wnt)
+
+
+def test_opcheck():
+    x, w, t = _inputs(5, 16, 40, torch.float32, ignored=0.2)
+    torch.library.opcheck(torch.ops.tritongpt.linear_cross_entropy,
+                          (x.requires_grad_(), w.requires_grad_(), t, -1))
