@@ -24,6 +24,24 @@ def rope_table(block_size: int, head_dim: int, theta: float, device=None) -> tup
     return angles.cos().float(), angles.sin().float()
 
 
+def rope_qk(op, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """op.rope_qk with tables (T, D/2) shared by every row, or (B, T, D/2), each row at its own positions
+    (rows of a KV cache with different lengths): then rows and positions are one axis of the op's
+    (1, H, B*T, D) input, which the kernels' (T, D/2) table contract covers; both views are free."""
+    if cos.dim() == 2:
+        return op.rope_qk(q, k, cos, sin)
+    B, T = q.shape[0], q.shape[2]
+
+    def flat(x):   # (B, H, T, D) -> (1, H, B*T, D)
+        return x.transpose(1, 2).reshape(1, B * T, x.shape[1], x.shape[3]).transpose(1, 2)
+
+    def back(x):
+        return x.transpose(1, 2).reshape(B, T, x.shape[1], x.shape[3]).transpose(1, 2)
+
+    q, k = op.rope_qk(flat(q), flat(k), cos.reshape(B * T, -1), sin.reshape(B * T, -1))
+    return back(q), back(k)
+
+
 class Norm(nn.Module):
     """RMSNorm (through ops, with an optional fused residual add) or LayerNorm."""
 
@@ -60,7 +78,7 @@ class Attention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)      # (B, H, T, D), a strided view
         k = k.view(B, T, Hkv, D).transpose(1, 2)    # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
-        q, k = op.rope_qk(q, k, cos, sin)          # one launch for both (Triton path)
+        q, k = rope_qk(op, q, k, cos, sin)         # one launch for both (Triton path)
         if cache is None:
             y = op.attention(q, k, v, causal=True)  # (B, H, T, D)
         else:                                       # stores k, v, attends over what the cache holds
@@ -235,8 +253,9 @@ class GPT(nn.Module):
     def hidden_states(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
         """Final normed hidden states (B, T, C) of token ids idx (B, T); with a KV cache, idx are the
         tokens at the cache's next T positions, and the cache advances by T. A cache says which
-        positions those are (`rope`: their rows of the RoPE tables) and how attention reads it
-        (`attend`); gpt/generation/cache.py's KVCache and the static cache's views do."""
+        positions those are (`rope`: their rows of the RoPE tables, (T, D/2), or (B, T, D/2) where each
+        row has its own positions) and how attention reads it (`attend`); gpt/generation/cache.py's
+        KVCache and the static cache's views do."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         if idx.dtype not in (torch.int64, torch.int32):

@@ -1,8 +1,9 @@
 """python -m gpt.sample: generate text from a checkpoint, once or interactively, streaming tokens.
 
 One prompt and one sample: the text is streamed as it is generated. Several (--num-samples N, a
---prompts-file): every prompt x sample is generated in batches (one batch per prompt token length,
-see gpt/generation/api.py) and each is printed under a `--- prompt P, sample S ---` line, in order.
+--prompts-file): every prompt x sample is a row, generated --batch-size rows at a time whatever the
+prompts' lengths (each row has its own position in the KV cache, gpt/generation/api.py), and each is
+printed under a `--- prompt P, sample S ---` line, in order.
 
 The screen shows the model's text (stdout) and the sampler's own messages (stderr, and the interactive
 commands' replies on stdout) only, each message on a line of its own (`Screen`). What other libraries
@@ -41,7 +42,7 @@ from .cli import UNDERSCORE_NOTE, command_line_main
 from .checkpoint import load_model
 from .errors import USER_ERRORS, ConfigError, GPTWarning
 from .generation import compiled
-from .generation.api import Completion, generate_completions
+from .generation.api import DEFAULT_BATCH_SIZE, Completion, generate_completions
 from .generation.sampling import check_sampling_value
 from .ops import KERNEL_MODES
 from .quantize import quantize_int8, weight_nbytes
@@ -345,7 +346,7 @@ def sample_all(model, tokenizer, texts: list[str], args, generator, out=None) ->
             shown[0] += 1
 
     return generate_completions(model, prompts, args.max_tokens, num_samples=args.num_samples, on_finish=show,
-                                **_generation_kwargs(tokenizer, args, generator))
+                                batch_size=args.batch_size, **_generation_kwargs(tokenizer, args, generator))
 
 
 def show_settings(args, history: list[int]) -> str:
@@ -468,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="also load checkpoints that need pickle (older formats); this can run code in the file")
     p.add_argument("--num-samples", dest="num_samples", type=int, default=1,
-                   help="samples per prompt, generated together in one batch")
+                   help="samples per prompt (rows batched together with every other prompt's, up to --batch-size)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="prompt x sample rows decoded together, prompts of any lengths (each row holds a KV cache)")
     p.add_argument("--no-cache", action="store_true", help="recompute the context each step (slow; for checking)")
     p.add_argument("--compile", dest="compile", action="store_const", const="always", default="auto",
                    help="compile prefill and the decode step (gpt/generation/compiled.py): much faster per token "
@@ -491,6 +494,8 @@ def check_args(args) -> list[str]:
         check_sampling_value(name, getattr(args, name), flag)
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     args.stop = [unescape(s) for s in args.stop]
     if any(not s for s in args.stop):
         raise ConfigError("--stop needs a non-empty string; drop the empty one")

@@ -11,9 +11,9 @@ from the batch (its KV cache rows, its context and its penalty counts are index-
 steps run on the rows still going; the compiled one keeps computing it (the batch is part of its static
 shapes) and stops returning its tokens.
 
-Rows of one batch share one KV cache position: there is no per-row position or padding mask, so a batch
-holds prompts of one token length. `generate_completions` takes prompts of any lengths and runs one
-batch per prompt length (the samples of one prompt always share a batch).
+Each row of a batch has its own length in the KV cache (gpt/generation/cache.py), so a batch holds prompts
+of any lengths: `generate_completions` runs its rows batch_size at a time, in order, whatever their
+lengths.
 """
 from __future__ import annotations
 
@@ -26,23 +26,28 @@ import torch
 from ..errors import ConfigError
 from ..ops import _warn_once
 from .compiled import CompiledDecoder, compile_unavailable_reason, prefill_length
-from .eager import Decoder
+from .eager import Decoder, prompt_lengths
 from .sampling import SamplingConfig
+
+DEFAULT_BATCH_SIZE = 64   # rows of generate_completions decoded together (each holds a KV cache of block_size)
 
 
 def make_decoder(model, idx: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
                  use_cache: bool = True, dtype: torch.dtype | str | None = None, compile: bool = False, *,
-                 prefill_pad: str = "bucket"):
+                 prefill_pad: str = "bucket", lengths=None):
     """The compiled decoder when `compile` (and use_cache) and it is available on idx's device, else the
     eager `Decoder` (saying why, once, when compile was asked for). prefill_pad: how far the compiled
-    decoder pads prompts, "bucket" or "block" (gpt/generation/compiled.py)."""
+    decoder pads prompts, "bucket" or "block" (gpt/generation/compiled.py). lengths: each row's prompt
+    length (row b's prompt is idx[b, :lengths[b]], right-padded); None: every row is idx.shape[1] tokens."""
     prefill_length(1, 1, prefill_pad)        # an unknown value: ConfigError, whichever decoder runs
     if compile and use_cache:
         reason = compile_unavailable_reason(idx.device)
+        if reason is None and lengths is not None and len(set(prompt_lengths(idx, lengths))) > 1:
+            reason = "the compiled decoder takes prompts of one length"
         if reason is None:
             return CompiledDecoder(model, idx, sampling, generator, dtype, prefill_pad=prefill_pad)
         _warn_once(f"decoding without compilation: {reason}")
-    return Decoder(model, idx, sampling, generator, use_cache, dtype)
+    return Decoder(model, idx, sampling, generator, use_cache, dtype, lengths=lengths)
 
 
 @contextlib.contextmanager
@@ -177,14 +182,13 @@ def generate_completions(model, prompts: Sequence[Sequence[int]], max_new_tokens
                          dtype: torch.dtype | str | None = None, compile: bool = False,
                          prefill_pad: str = "bucket", on_token: Callable[[int, int], None] | None = None,
                          on_finish: Callable[[int, Completion], None] | None = None,
-                         **sampling) -> list[Completion]:
+                         batch_size: int = DEFAULT_BATCH_SIZE, **sampling) -> list[Completion]:
     """num_samples continuations of each prompt (lists of token ids), generated in batches, returned in
     order (prompt 0's samples, then prompt 1's, ...).
 
-    Batching: rows of a batch share one cache position, so the rows of prompts of one token length form
-    one batch (all samples of a prompt, and every other prompt of that length); lengths run one after
-    the other, in order of first appearance. A row that finishes (eot_id, a stop string) is dropped from
-    its batch at once.
+    Batching: every prompt x sample is a row, and the rows go in order, batch_size at a time, whatever
+    their prompts' lengths (each row of a batch has its own position in the KV cache). A row that finishes
+    (eot_id, a stop string) is dropped from its batch at once.
 
     tokenizer: decodes the text (`Completion.text`) and is needed for stop strings. stop: strings that
     end a row, searched in the decoded generated text (not the prompt); the text is cut before the
@@ -197,6 +201,8 @@ def generate_completions(model, prompts: Sequence[Sequence[int]], max_new_tokens
     cfg = SamplingConfig(**sampling)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples must be an integer >= 1, got {num_samples}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1 (rows generated together), got {batch_size}")
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     prompts = [[int(t) for t in p] for p in prompts]
@@ -216,9 +222,6 @@ def generate_completions(model, prompts: Sequence[Sequence[int]], max_new_tokens
 
     slots = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
     results: list[Completion] = [Completion(p, s) for p, s in slots]
-    groups: dict[int, list[int]] = {}
-    for i, (p, _) in enumerate(slots):
-        groups.setdefault(len(prompts[p]), []).append(i)
 
     def finish(i: int, reason: str, ids: list[int], text: str | None = None) -> None:
         c = results[i]
@@ -228,9 +231,15 @@ def generate_completions(model, prompts: Sequence[Sequence[int]], max_new_tokens
             on_finish(i, c)
 
     with _eval_mode(model):
-        for members in groups.values():
-            idx = torch.tensor([prompts[slots[i][0]] for i in members], dtype=torch.long, device=device)
-            dec = make_decoder(model, idx, cfg, generator, use_cache, dtype, compile, prefill_pad=prefill_pad)
+        for first in range(0, len(slots), batch_size):
+            members = list(range(first, min(first + batch_size, len(slots))))
+            rows = [prompts[slots[i][0]] for i in members]
+            lengths = [len(r) for r in rows]
+            idx = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+            for b, r in enumerate(rows):
+                idx[b, :len(r)] = torch.tensor(r)
+            dec = make_decoder(model, idx.to(device), cfg, generator, use_cache, dtype, compile,
+                               prefill_pad=prefill_pad, lengths=lengths)
             active = list(members)               # the completion index of each decoder row
             ids: dict[int, list[int]] = {i: [] for i in members}
             for _ in range(max_new_tokens):

@@ -93,10 +93,14 @@ class SamplingConfig:
 
 
 # -- logit processing: pure functions of the logits ----------------------------------------------
-def token_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(B, vocab_size) float counts of each token id in each row of ids (B, T)."""
+def token_counts(ids: torch.Tensor, vocab_size: int, lengths=None) -> torch.Tensor:
+    """(B, vocab_size) float counts of each token id in each row of ids (B, T); with `lengths` (B ints),
+    of row b's first lengths[b] ids only (the rest is padding)."""
     counts = torch.zeros(ids.shape[0], vocab_size, device=ids.device)
-    return counts.scatter_add_(1, ids, torch.ones(ids.shape, device=ids.device))
+    ones = torch.ones(ids.shape, device=ids.device)
+    if lengths is not None:
+        ones = ones * (torch.arange(ids.shape[1], device=ids.device) < torch.tensor(lengths, device=ids.device)[:, None])
+    return counts.scatter_add_(1, ids, ones)
 
 
 def _repetition(logits: torch.Tensor, seen: torch.Tensor, penalty) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Sampling controls: min-p, the penalties (and which tokens each counts), stop strings, the end-of-text
 token (a finished row stops costing compute), several samples per prompt and prompts of different
-lengths in batches, seeds, and the sampler CLI (flags, interactive commands, one-line errors).
+lengths in one batch, seeds, and the sampler CLI (flags, interactive commands, one-line errors).
 
 Most tests use a model whose next token is known: `successor_gpt` is a real GPT whose weights make
 the next token the successor of the last one (in the character order below), with a chosen margin.
@@ -191,16 +191,21 @@ def test_a_stop_string_inside_a_token_cuts_the_text_there_and_the_ids_before_it(
     assert matcher.find([1, 2, 3]) is None
 
 
-def test_num_samples_times_prompts_batched_by_length(device):
+def test_num_samples_times_prompts_batched_whatever_their_lengths(device):
     model = successor_gpt().to(device)
     forwards = record_batches(model)
     prompts = [ids("ab"), ids("abc"), ids("hi")]
     out = generate_completions(model, prompts, 3, num_samples=2, tokenizer=CharTokenizer(CHARS), temperature=0)
     assert [(c.prompt_index, c.sample_index) for c in out] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
     assert [c.text for c in out] == ["cde", "cde", "def", "def", "jkl", "jkl"]
-    # One prefill per prompt length: the two 2-token prompts x 2 samples together, then the 3-token one.
-    assert [f for f in forwards if f[1] > 1] == [(4, 2), (2, 3)]
-    assert len(forwards) == 2 * 3
+    # One batch: the prompts right-padded to 3 tokens x 2 samples in one prefill, then two steps of 6 rows.
+    assert forwards == [(6, 3), (6, 1), (6, 1)]
+    # batch_size bounds the rows decoded together: 4, then 2.
+    forwards.clear()
+    again = generate_completions(model, prompts, 3, num_samples=2, tokenizer=CharTokenizer(CHARS), temperature=0,
+                                 batch_size=4)
+    assert [c.text for c in again] == [c.text for c in out]
+    assert forwards == [(4, 3), (4, 1), (4, 1), (2, 2), (2, 1), (2, 1)]
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time(device):
@@ -308,6 +313,7 @@ def test_cli_stops_at_the_tokenizers_eot_unless_ignored(monkeypatch, capsys):
     (["--min-p", "-0.5"], "--min-p must be in [0, 1]"),
     (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
     (["--num-samples", "0"], "--num-samples must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--prompts-file", "no/such/file.txt"], "--prompts-file no/such/file.txt does not exist"),
     (["--stop", ""], "--stop needs a non-empty string"),
 ])
