@@ -42,7 +42,7 @@ from .cli import UNDERSCORE_NOTE, command_line_main
 from .checkpoint import load_model
 from .errors import USER_ERRORS, ConfigError, GPTWarning
 from .generation import compiled
-from .generation.api import DEFAULT_BATCH_SIZE, Completion, generate_completions
+from .generation.api import DEFAULT_BATCH_SIZE, Completion, generate_completions, held_back
 from .generation.sampling import check_sampling_value
 from .ops import KERNEL_MODES
 from .quantize import quantize_int8, weight_nbytes
@@ -99,17 +99,6 @@ def read_prompts(path: str) -> list[str]:
     if not prompts:
         raise ConfigError(f"--prompts-file {path} holds no prompt; write one prompt per line")
     return prompts
-
-
-def held_back(text: str, stops) -> int:
-    """How many characters at the end of text could be the start of a stop string (not printed yet)."""
-    n = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), n, -1):
-            if text.endswith(s[:k]):
-                n = k
-                break
-    return n
 
 
 def _same_file(a, b) -> bool:

@@ -163,6 +163,17 @@ class StopStrings:
         return ids[:k]
 
 
+def held_back(text: str, stops) -> int:
+    """How many characters at the end of text could be the start of a stop string (not shown yet)."""
+    n = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), n, -1):
+            if text.endswith(s[:k]):
+                n = k
+                break
+    return n
+
+
 def _check_stops(stop) -> tuple[str, ...]:
     if stop is None:
         return ()
@@ -270,4 +281,4 @@ def generate_completions(model, prompts: Sequence[Sequence[int]], max_new_tokens
     return results
 
 
-__all__ = ["Completion", "StopStrings", "make_decoder", "generate_stream", "generate", "generate_completions"]
+__all__ = ["Completion", "StopStrings", "held_back", "make_decoder", "generate_stream", "generate", "generate_completions"]

@@ -268,6 +268,57 @@ def choose_tokens(logits: torch.Tensor, plan: SamplingPlan, params: torch.Tensor
     return race(torch.softmax(logits, dim=-1), noise)
 
 
+# -- a batch whose rows have their own settings (the engine, gpt/generation/engine.py) -------------
+ROW_PARAMS = 7   # per row: temperature, top_p, min_p, the three penalties, top_k (0 = off)
+
+
+def rows_plan(configs, vocab_size: int) -> SamplingPlan:
+    """The plan of a batch of rows with their own `SamplingConfig`s: a step runs when any row uses it
+    (greedy only when every row is), top_k the largest k of the rows (each row's own k is in
+    `rows_params`)."""
+    plans = [SamplingPlan.of(c, vocab_size) for c in configs]
+    return SamplingPlan(greedy=all(p.greedy for p in plans), top_k=max((p.top_k for p in plans), default=0),
+                        top_p=any(p.top_p for p in plans), min_p=any(p.min_p for p in plans),
+                        repetition=any(p.repetition for p in plans), counts=any(p.counts for p in plans))
+
+
+def rows_params(configs, vocab_size: int, device) -> torch.Tensor:
+    """(B, ROW_PARAMS) float32: each row's values, a row whose setting is off holding the neutral value
+    (top_p 1, min_p 0, penalties 1/0/0, top_k 0), so that it is computed as it would be alone."""
+    rows = [SamplingPlan.params(c, "cpu").tolist() + [float(SamplingPlan.of(c, vocab_size).top_k)] for c in configs]
+    return torch.tensor(rows, dtype=torch.float32).to(device)
+
+
+def choose_tokens_rows(logits: torch.Tensor, plan: SamplingPlan, params: torch.Tensor, seen: torch.Tensor | None,
+                       counts: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
+    """`choose_tokens` with each row's own settings, params (B, ROW_PARAMS) from `rows_params` and `plan`
+    from `rows_plan`: every row gets the token it would get alone with its settings and noise (a step
+    that only some rows use leaves the others exactly as they are). Device work only."""
+    logits = logits.float()
+    if plan.repetition:
+        logits = _repetition(logits, seen, params[:, 3:4])
+    if plan.counts:
+        logits = _frequency_presence(logits, counts, params[:, 4:5], params[:, 5:6])
+    best = logits.argmax(dim=-1, keepdim=True)
+    if plan.greedy:
+        return best
+    greedy = params[:, :1] == 0
+    logits = logits / torch.where(greedy, 1.0, params[:, :1])
+    if plan.top_k:
+        k = params[:, 6:7].long()
+        kth = torch.topk(logits, plan.top_k, dim=-1).values.gather(1, (k - 1).clamp(min=0))
+        logits = logits.masked_fill((logits < kth) & (k > 0), float("-inf"))
+    if plan.top_p:
+        p = params[:, 1:2]
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop_sorted = ((probs.cumsum(dim=-1) - probs) >= p) & (p < 1.0)
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    if plan.min_p:
+        logits = _min_p(logits, params[:, 2:3])
+    return torch.where(greedy, best, race(torch.softmax(logits, dim=-1), noise))
+
+
 def record_tokens(nxt: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None) -> None:
     """Add the sampled tokens nxt (B, 1) to the penalty state, in place: `seen` (B, V) bool, `counts` (B, V)."""
     if seen is not None:
@@ -278,4 +329,5 @@ def record_tokens(nxt: torch.Tensor, seen: torch.Tensor | None, counts: torch.Te
 
 __all__ = ["SamplingConfig", "SamplingPlan", "check_sampling_value", "token_counts", "apply_repetition_penalty",
            "apply_frequency_presence_penalty", "apply_top_k", "apply_top_p", "apply_min_p", "process_logits",
-           "draw_exponential", "race", "sample_next", "choose_tokens", "record_tokens"]
+           "draw_exponential", "race", "sample_next", "choose_tokens", "record_tokens", "ROW_PARAMS", "rows_plan",
+           "rows_params", "choose_tokens_rows"]
