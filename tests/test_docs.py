@@ -24,8 +24,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SHELL_BLOCK = re.compile(r"^```(?:bash|sh|shell)\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 # Every command-line tool of the package, by the module whose build_parser() defines it.
-CLIS = ["train.__main__", "train.prepare", "train.evaluate", "train.consolidate", "gpt.sample", "gpt.export", "bench.run",
-        "bench.gpu_check", "bench.muon_ns", "kernels.report"]
+CLIS = ["train.__main__", "train.prepare", "train.evaluate", "train.consolidate", "gpt.sample", "gpt.export",
+        "gpt.serve.__main__", "bench.run", "bench.gpu_check", "bench.muon_ns", "kernels.report"]
 
 
 def shell_commands(text: str) -> list[list[str]]:
