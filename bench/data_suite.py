@@ -221,7 +221,24 @@ def loader_rates(corpus: Path, data_dir: Path, ctx: RunContext) -> list[dict]:
     return rows
 
 
-def run(ctx: RunContext, sizes_mb: list[int] | None = None, formats: list[str] | None = None) -> list[dict]:
+def baseline_once(corpus: Path, out: Path, num_proc: int) -> dict:
+    """nanoGPT's method (bench/nanogpt_prepare.py) on the same jsonl: wall time, tree memory, and the
+    disk it used (its two .bin files plus the datasets cache it fills)."""
+    cmd = [sys.executable, str(REPO / "bench" / "nanogpt_prepare.py"), str(corpus), str(out),
+           "--num-proc", str(num_proc)]
+    r = run_measured(cmd)
+    if r["returncode"] != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r['stderr'].strip().splitlines()[-1:]}")
+    tokens = json.loads(r["stdout"].strip().splitlines()[-1])["tokens"]
+    bins = sum(p.stat().st_size for p in out.glob("*.bin"))
+    cache = sum(p.stat().st_size for p in (out / "hf-cache").rglob("*") if p.is_file())
+    return {"seconds": r["seconds"], "tokens": tokens, "tokens_per_s": tokens / r["seconds"],
+            "peak_pss_mb": r["peak_pss"] / 2 ** 20, "peak_rss_mb": r["peak_rss"] / 2 ** 20,
+            "disk_bytes_per_token": (bins + cache) / tokens, "cache_mb": cache / 2 ** 20}
+
+
+def run(ctx: RunContext, sizes_mb: list[int] | None = None, formats: list[str] | None = None,
+        baseline: bool = False) -> list[dict]:
     sizes = list(sizes_mb or (QUICK_MB if ctx.quick else FULL_MB))
     formats = list(formats or (("jsonl",) if ctx.quick else FORMATS))
     records: list[dict] = []
@@ -240,12 +257,24 @@ def run(ctx: RunContext, sizes_mb: list[int] | None = None, formats: list[str] |
                     r.pop("manifest")
                     records.append({"test": "prepare", "format": fmt, "input_mb": mb, "documents": n_docs,
                                     "input_bytes": n_bytes, "workers": workers, "kind": "measured", **r})
-                    if fmt == formats[0] and mb == sizes[0] and workers == worker_counts[-1]:
+                    # The loader on a corpus of many documents (the txt corpus is a few large files).
+                    loader_fmt = "jsonl" if "jsonl" in formats else formats[0]
+                    if fmt == loader_fmt and mb == sizes[0] and workers == worker_counts[-1]:
                         try:
                             records += loader_rates(corpus, data_dir, ctx)
                         except ImportError as e:
                             ctx.note(f"data: the loader benchmark needs train.data.loader ({e})")
                     shutil.rmtree(data_dir)
+                if baseline and fmt == "jsonl" and mb == sizes[0]:
+                    out = work / "nanogpt"
+                    progress(f"[data] nanoGPT's method (datasets.map, num_proc 2): {mb} MB jsonl")
+                    try:
+                        r = baseline_once(corpus, out, 2)
+                        records.append({"test": "baseline", "format": fmt, "input_mb": mb, "documents": n_docs,
+                                        "workers": 2, "kind": "measured", **r})
+                    except ImportError as e:
+                        ctx.note(f"data: the nanoGPT baseline needs the datasets package ({e})")
+                    shutil.rmtree(out, ignore_errors=True)
                 if corpus.is_dir():
                     shutil.rmtree(corpus)
                 else:
@@ -254,9 +283,12 @@ def run(ctx: RunContext, sizes_mb: list[int] | None = None, formats: list[str] |
         shutil.rmtree(work, ignore_errors=True)
     one = {(r["format"], r["input_mb"]): r["tokens_per_s"] for r in records
            if r["test"] == "prepare" and r["workers"] == 1}
+    base = {r["input_mb"]: r["tokens_per_s"] for r in records if r["test"] == "baseline"}
     for r in records:
         if r["test"] == "prepare" and r["workers"] == 2 and (r["format"], r["input_mb"]) in one:
             r["speedup_vs_1_worker"] = r["tokens_per_s"] / one[(r["format"], r["input_mb"])]
+        if r["test"] == "prepare" and r["format"] == "jsonl" and r["workers"] == 2 and r["input_mb"] in base:
+            r["speedup_vs_nanogpt"] = r["tokens_per_s"] / base[r["input_mb"]]
     return records
 
 
@@ -268,7 +300,15 @@ def print_tables(records: list[dict], ctx: RunContext) -> None:
             ("seconds", "wall s"), ("tokens", "tokens"), ("tokens_per_s", "tokens/s"),
             ("speedup_vs_1_worker", "x 1 worker"), ("peak_pss_mb", "peak PSS MB (tree)"),
             ("peak_rss_mb", "peak RSS MB (tree)"), ("disk_bytes_per_token", "disk B/token"),
-            ("disk_overhead_pct", "disk over tokens %"), ("shards", "shards")]))
+            ("disk_overhead_pct", "disk over tokens %"), ("shards", "shards"), ("speedup_vs_nanogpt", "x nanoGPT")]))
+    base = [r for r in records if r["test"] == "baseline"]
+    if base:
+        log("")
+        log(format_table("baseline: nanoGPT's prepare.py method on the same jsonl (MEASURED)", base, [
+            ("input_mb", "input MB"), ("documents", "docs"), ("workers", "num_proc"), ("seconds", "wall s"),
+            ("tokens", "tokens"), ("tokens_per_s", "tokens/s"), ("peak_pss_mb", "peak PSS MB (tree)"),
+            ("peak_rss_mb", "peak RSS MB (tree)"), ("disk_bytes_per_token", "disk B/token"),
+            ("cache_mb", "datasets cache MB")]))
     load = [r for r in records if r["test"] == "loader"]
     if load:
         log("")

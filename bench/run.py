@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static suite: summarize this kernels.report JSON instead of compiling again")
     return p
 
+    p.add_argument("--data-baseline", action="store_true",
+                   help="data suite: also prepare the first jsonl corpus by nanoGPT's method (datasets.map, "
+                        "num_proc 2; bench/nanogpt_prepare.py) for comparison (on with --full)")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
@@ -275,7 +278,8 @@ def main(argv: list[str]) -> int:
         "static": (lambda: static_suite.run(ctx, out_dir, args.report_json), static_suite.print_tables,
                    lambda r: plots.static(r, out_dir)),
         "dist": (lambda: dist_suite.run(ctx), dist_suite.print_tables, lambda r: plots.dist(r, out_dir)),
-        "data": (lambda: data_suite.run(ctx, args.data_mb, args.data_formats), data_suite.print_tables,
+        "data": (lambda: data_suite.run(ctx, args.data_mb, args.data_formats, args.data_baseline or args.full),
+                 data_suite.print_tables,
                  lambda r: []),
     }
     for name in args.suites:

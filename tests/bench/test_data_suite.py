@@ -58,3 +58,15 @@ def test_print_tables_handles_both_record_kinds(capsys):
          "tokens_per_s": 100000.0, "cropped_pct": 20.0}], ctx)
     out = capsys.readouterr().out
     assert "data preparation" in out and "loader" in out and "cropped %" in out
+
+
+def test_the_nanogpt_baseline_gives_the_same_tokens_as_train_prepare(tmp_path):
+    """The baseline tokenizes the same documents into the same number of GPT-2 ids (each document plus
+    its end-of-text token) as `python -m train.prepare`, so the two wall times compare the same work."""
+    pytest.importorskip("tiktoken")
+    pytest.importorskip("datasets")
+    corpus, n_docs, _ = data_suite.write_corpus(tmp_path, "jsonl", 1, POOL)
+    base = data_suite.baseline_once(corpus, tmp_path / "nanogpt", 2)
+    ours = data_suite.prepare_once(corpus, tmp_path / "data", 2)
+    assert base["tokens"] == ours["tokens"] > n_docs
+    assert base["cache_mb"] > 0 and base["disk_bytes_per_token"] > ours["disk_bytes_per_token"]
