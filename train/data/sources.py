@@ -685,7 +685,8 @@ class HFSource(Source):
             raise DataError(f"field {text_field!r} of Hugging Face dataset {name!r} holds {typ}, not text (choose a "
                             f"text field with --text-field)")
         if len(ds) == 0:
-            raise DataError(f"Hugging Face dataset {name!r} split {split!r} is empty")
+            raise DataError(f"Hugging Face dataset {name!r} split {split!r} is empty; "
+                            "choose another split (--hf-split)")
         _log(f"loaded Hugging Face dataset {name!r} split {split!r}: {len(ds)} rows in "
              f"{time.perf_counter() - t0:.1f}s")
         self.ds, self.text_field = ds, text_field

@@ -438,7 +438,8 @@ class _Build:
         n_docs = self.source.count_docs(MIN_DOCS_FOR_DOCUMENT_SPLIT)
         method = "documents" if n_docs >= MIN_DOCS_FOR_DOCUMENT_SPLIT else "position"
         if n_docs == 0:
-            raise DataError(f"{self.source.description} holds no documents: the corpus is empty")
+            raise DataError(f"{self.source.description} holds no documents: the corpus is empty; "
+                            "pass files that hold text")
         split: dict = {"method": method, "val_fraction": self.vf}
         wants: dict = {}
         if method == "position":
@@ -496,7 +497,7 @@ class _Build:
                 cur_start, cur = g, 0
         total = g
         if total == 0:
-            raise DataError(f"{self.source.description}: the text is empty")
+            raise DataError(f"{self.source.description}: the text is empty; pass a file (or folder) that holds text")
         cut = int(total * (1 - self.vf))
         train_last = max((d for d, (s, n) in enumerate(zip(starts, lengths)) if s < cut or (n == 0 and s <= cut)),
                          default=None)
