@@ -5,6 +5,7 @@
     python bench/run.py --suite kernels --sizes 1024,4096 --device cuda
     python bench/run.py --suite dist         # data-parallel scaling: CPU ranks (measured), H100 clusters (estimated)
     python bench/run.py --suite data --full  # data preparation at 1 and 4 GiB per format, the loader (~25 min on 2 cores)
+    python bench/run.py --suite serve        # gpt.serve under load: 1, 4 and 16 clients (not in all)
 
 Prints aligned tables, writes DIR/results.json (machine, versions, git commit, command, every
 measurement, each marked "measured" or "estimated") and PNG plots, and ends with one JSON line.
@@ -28,6 +29,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from bench import data_suite, decode_suite, dist_suite, kernel_suite, plots, static_suite, train_suite  # noqa: E402
+from bench import serve_suite  # noqa: E402
 from bench.common import RunContext, log, progress  # noqa: E402
 from bench.timing import measure_copy_bandwidth  # noqa: E402
 from gpt import ops  # noqa: E402
@@ -38,6 +40,7 @@ from gpt.runtime import (DTYPES, cpu_has_native_bf16, dtype_name, measure_matmul
                          resolve_device)
 
 SUITES = ("kernels", "train", "decode", "static", "dist", "data")
+EXPLICIT_SUITES = ("serve",)   # run only when --suite names them: they start servers, not part of "all"
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = 1
 
@@ -46,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.split("\n\n")[0], epilog=UNDERSCORE_NOTE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="all",
-                   help="comma-separated: kernels, train, decode, static, dist, data, or all (default: all)")
+                   help="comma-separated: kernels, train, decode, static, dist, data, or all (default: all); "
+                        "serve (python -m gpt.serve under load) runs only when named")
     level = p.add_mutually_exclusive_group()
     level.add_argument("--quick", action="store_true",
                        help="small sweeps and few repeats (the default; finishes in minutes on a laptop CPU)")
@@ -69,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="train suite: sequences per step (all presets); dist suite: sequences per rank")
     p.add_argument("--seq-len", type=int, default=None, help="train and dist suites: tokens per sequence (all presets)")
-    p.add_argument("--new-tokens", type=int, default=None, help="decode suite: tokens to generate (32 quick, 256 full)")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help="decode suite: tokens to generate (32 quick, 256 full); serve suite: max_tokens of each "
+                        "request (64 quick, 128 full)")
     p.add_argument("--contexts", default=None, help="decode suite: comma-separated context lengths to sweep")
     p.add_argument("--data-mb", default=None,
                    help="data suite: comma-separated corpus sizes in MB of text (default: 64 quick, 1024,4096 full)")
@@ -88,9 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     args.suites = list(SUITES) if args.suite == "all" else [s.strip() for s in args.suite.split(",") if s.strip()]
-    unknown = [s for s in args.suites if s not in SUITES]
+    unknown = [s for s in args.suites if s not in SUITES + EXPLICIT_SUITES]
     if unknown:
-        p.error(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)} or all")
+        p.error(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES + EXPLICIT_SUITES)} or all")
     args.presets = [x.strip() for x in args.preset.split(",") if x.strip()] if args.preset else None
     bad = [x for x in args.presets or [] if x not in decode_suite.MODELS]
     if bad:
@@ -210,6 +216,10 @@ def summary(results: dict, out_dir: Path, seconds: float, ctx: RunContext, devic
     if comp:
         s["static_compiled"] = f"{sum(r['compiled'] for r in comp)}/{sum(r['configs'] for r in comp)}"
         s["static_problems"] = sum(r["problems"] for r in comp)
+    srv = [r for r in results.get("serve", []) if r.get("test") == "serve"]
+    if srv:
+        s["serve_tokens_per_s"] = {f"{r['preset']} {r['mode']} {r['clients']} clients": round(r["tokens_per_s"], 1)
+                                   for r in srv}
     return s
 
 
@@ -281,6 +291,7 @@ def main(argv: list[str]) -> int:
         "data": (lambda: data_suite.run(ctx, args.data_mb, args.data_formats, args.data_baseline or args.full),
                  data_suite.print_tables,
                  lambda r: []),
+        "serve": (lambda: serve_suite.run(ctx), serve_suite.print_tables, lambda r: []),
     }
     for name in args.suites:
         run, print_tables, plot = suites[name]
