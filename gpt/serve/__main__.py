@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "two on a small CPU, before the server listens)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="decode eagerly (the default: the server answers at once)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads for decoding (default: torch's choice, one per core); on a small CPU "
+                        "fewer leave a core to the HTTP side")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="also load checkpoints that need pickle (older formats); this can run code in the file")
     p.add_argument("--access-log", action="store_true", help="print one line per HTTP request on stderr")
@@ -83,6 +86,8 @@ def check_args(args) -> None:
         raise ConfigError(f"--max-prompt-tokens must be at least 1, got {args.max_prompt_tokens}")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     if args.drain_timeout < 0:
         raise ConfigError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
 
@@ -148,8 +153,10 @@ def _serve(args, sock) -> int:
     from .server import Server
     from .service import Service
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model, tokenizer, dtype, line = load(args)
-    say(line)
+    say(line + f", {torch.get_num_threads()} threads")
     engine = Engine(model, tokenizer, slots=args.slots, dtype=dtype, compile=args.compile, eot_id=tokenizer.eot_id)
     encode = functools.partial(encode_prompt, tokenizer)
     if args.compile:

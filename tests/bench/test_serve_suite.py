@@ -41,3 +41,9 @@ def test_one_level_pair_against_real_servers(tmp_path):
         assert 0 < r["ttft_p50_ms"] <= r["ttft_p95_ms"] and 0 < r["token_p50_ms"] <= r["token_p95_ms"]
     assert records[0]["speedup"] == 1.0 and records[1]["speedup"] > 0
     serve_suite.print_tables(records, ctx)
+
+
+def test_the_runner_takes_the_serve_suite_only_when_named():
+    from bench.run import parse_args
+    assert parse_args(["--suite", "serve"]).suites == ["serve"]
+    assert "serve" not in parse_args([]).suites
