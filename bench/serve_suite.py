@@ -12,8 +12,8 @@ Models: `shakespeare_cpu` (configs/shakespeare_cpu.toml's model with the corpus'
 `small` (with a BPE tokenizer of its 8192 tokens trained on the corpus), both untrained: the throughput of
 a model does not depend on its weights, and the answers are not judged here (tests/gpt/test_serve.py does
 that). The servers decode eagerly (the server's default); --full adds a compiled-engine pass (`--compile`)
-unless --no-compile. The client threads run in this process, on the same CPU as the server, which
-decodes with the runner's torch thread count (bench/run.py --threads N; default one per core).
+unless --no-compile. The client threads run in this process, on the same CPU as the server, which decodes
+with its default torch threads (on a CPU one per core but one; the `threads` column).
 """
 from __future__ import annotations
 
@@ -88,18 +88,17 @@ class ServerProcess:
     """python -m gpt.serve on 127.0.0.1 (any free port) in a child process."""
 
     def __init__(self, ckpt: Path, slots: int, device: torch.device, kernels: str, compile: bool,
-                 max_tokens: int, threads: int, timeout: float = 900):
+                 max_tokens: int, timeout: float = 900):
         cmd = [sys.executable, "-m", "gpt.serve", "--ckpt", str(ckpt), "--host", "127.0.0.1", "--port", "0",
                "--slots", str(slots), "--device", str(device), "--kernels", kernels, "--max-tokens", str(max_tokens),
-               "--max-queued", "1024", "--drain-timeout", "0", "--threads", str(threads),
-               "--compile" if compile else "--no-compile"]
+               "--max-queued", "1024", "--drain-timeout", "0", "--compile" if compile else "--no-compile"]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         self.command = " ".join(cmd[1:])
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)
         self.lines: list[str] = []
         deadline = time.monotonic() + timeout
-        self.url = None
+        self.url, self.threads = None, None
         while self.url is None:
             line = self.proc.stderr.readline()
             if not line or time.monotonic() > deadline:
@@ -108,6 +107,8 @@ class ServerProcess:
             self.lines.append(line)
             found = re.search(r" on (http://\S+?)/? \(", line)
             self.url = found.group(1) if found else None
+            threads = re.search(r", (\d+) threads$", line.strip())     # the "loaded ..." line
+            self.threads = int(threads.group(1)) if threads else self.threads
         # The rest of stderr is drained on a thread, so a chatty server never blocks on a full pipe.
         self._drain = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
         self._drain.start()
@@ -194,7 +195,7 @@ def measure(ckpt: Path, preset: str, requests: list[dict], ctx: RunContext, leve
     for level in sorted(levels):
         progress(f"[serve] {preset} {'compiled' if compile else 'eager'}: {level} client(s), {level} slot(s), "
                  f"{len(requests)} requests x {max_tokens} tokens")
-        server = ServerProcess(ckpt, level, ctx.device, kernels, compile, max_tokens, torch.get_num_threads())
+        server = ServerProcess(ckpt, level, ctx.device, kernels, compile, max_tokens)
         try:
             run_load(server.url, requests[:level], level)               # warm-up: first-use costs
             results, wall = run_load(server.url, requests, level)
@@ -202,7 +203,7 @@ def measure(ckpt: Path, preset: str, requests: list[dict], ctx: RunContext, leve
             rc = server.stop()
         rec = {"test": "serve", "kind": "measured", "preset": preset, "device": str(ctx.device), "kernels": kernels,
                "mode": "compiled" if compile else "eager", "clients": level, "slots": level,
-               "server_threads": torch.get_num_threads(),
+               "server_threads": server.threads,
                "max_tokens": max_tokens, "server_exit": rc, **summarize(results, wall)}
         base = base or (rec["tokens_per_s"] if level == 1 else None)
         rec["speedup"] = rec["tokens_per_s"] / base if base else None
@@ -233,8 +234,8 @@ def run(ctx: RunContext) -> list[dict]:
 
 def print_tables(records: list[dict], ctx: RunContext) -> None:
     log(format_table("serve: python -m gpt.serve on 127.0.0.1, streamed requests (MEASURED; level 1 = one at a time)",
-                     records, [("preset", "model"), ("mode", "engine"), ("device", "device"), ("server_threads", "threads"),
-                               ("clients", "clients"),
+                     records, [("preset", "model"), ("mode", "engine"), ("device", "device"),
+                               ("server_threads", "threads"), ("clients", "clients"),
                                ("slots", "slots"), ("requests", "requests"), ("max_tokens", "max tokens"),
                                ("tokens_per_s", "tokens/s"), ("speedup", "vs 1 at a time"),
                                ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p95_ms", "TTFT p95 ms"),

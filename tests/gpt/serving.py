@@ -86,6 +86,8 @@ class LiveServer:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "LiveServer":
+        self.torch_threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, self.torch_threads - 1))    # as python -m gpt.serve on a CPU
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -97,6 +99,7 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        torch.set_num_threads(self.torch_threads)
         assert not self.thread.is_alive(), "the test server did not stop"
 
 

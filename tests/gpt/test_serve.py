@@ -289,9 +289,10 @@ def test_32_concurrent_clients_on_4_slots_all_get_complete_correct_answers(succe
 
     def ask(i):
         body = {"prompt": prompts[i], "max_tokens": lengths[i], "temperature": 0, "stream": i % 2 == 1}
+        url = f"{successor_server.url}/v1/completions"
         if not body["stream"]:
-            return httpx.post(f"{successor_server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
-        with httpx.stream("POST", f"{successor_server.url}/v1/completions", json=body, timeout=60) as r:
+            return httpx.post(url, json=body, timeout=60).json()["choices"][0]["text"]
+        with httpx.stream("POST", url, json=body, timeout=60) as r:
             events = sse_events(r)
         assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
         return "".join(e["choices"][0]["text"] for e in events[:-1])
