@@ -107,7 +107,7 @@ class ServerProcess:
             self.lines.append(line)
             found = re.search(r" on (http://\S+?)/? \(", line)
             self.url = found.group(1) if found else None
-            threads = re.search(r", (\d+) threads$", line.strip())     # the "loaded ..." line
+            threads = re.search(r", (\d+) threads?$", line.strip())     # the "loaded ..." line
             self.threads = int(threads.group(1)) if threads else self.threads
         # The rest of stderr is drained on a thread, so a chatty server never blocks on a full pipe.
         self._drain = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)

@@ -159,7 +159,8 @@ def _serve(args, sock) -> int:
         # torch's threads spin-wait for each other while the event loop and the clients need a core: on 2 cores
         # shared with other work, the web page's tiny model ran at 244 tokens/s on 1 thread, 68 on 2.
         torch.set_num_threads(threads)
-    say(line + f", {torch.get_num_threads()} threads")
+    n = torch.get_num_threads()
+    say(line + f", {n} thread{'s' if n != 1 else ''}")
     engine = Engine(model, tokenizer, slots=args.slots, dtype=dtype, compile=args.compile, eot_id=tokenizer.eot_id)
     encode = functools.partial(encode_prompt, tokenizer)
     if args.compile:
