@@ -8,8 +8,8 @@ continues many prompts, several samples each, with stop strings.
 Ending a row early: `eot_id` (a row ends when it samples that token) and stop strings (checked on the
 decoded text of each row; `generate_completions`, `StopStrings`). The eager decoder drops a finished row
 from the batch (its KV cache rows, its context and its penalty counts are index-selected away), so later
-steps run on the rows still going; the compiled one keeps computing it (the batch is part of its static
-shapes) and stops returning its tokens.
+steps run on the rows still going; the compiled one keeps its slot in the batch (the batch is part of its
+static shapes), held from then on, and stops returning its tokens.
 
 Each row of a batch has its own length in the KV cache (gpt/generation/cache.py), so a batch holds prompts
 of any lengths: `generate_completions` runs its rows batch_size at a time, in order, whatever their
@@ -26,7 +26,7 @@ import torch
 from ..errors import ConfigError
 from ..ops import _warn_once
 from .compiled import CompiledDecoder, compile_unavailable_reason, prefill_length
-from .eager import Decoder, prompt_lengths
+from .eager import Decoder
 from .sampling import SamplingConfig
 
 DEFAULT_BATCH_SIZE = 64   # rows of generate_completions decoded together (each holds a KV cache of block_size)
@@ -42,10 +42,8 @@ def make_decoder(model, idx: torch.Tensor, sampling: SamplingConfig, generator: 
     prefill_length(1, 1, prefill_pad)        # an unknown value: ConfigError, whichever decoder runs
     if compile and use_cache:
         reason = compile_unavailable_reason(idx.device)
-        if reason is None and lengths is not None and len(set(prompt_lengths(idx, lengths))) > 1:
-            reason = "the compiled decoder takes prompts of one length"
         if reason is None:
-            return CompiledDecoder(model, idx, sampling, generator, dtype, prefill_pad=prefill_pad)
+            return CompiledDecoder(model, idx, sampling, generator, dtype, prefill_pad=prefill_pad, lengths=lengths)
         _warn_once(f"decoding without compilation: {reason}")
     return Decoder(model, idx, sampling, generator, use_cache, dtype, lengths=lengths)
 

@@ -5,19 +5,23 @@ at block_size positions, and a length per row; a forward writes each row's T new
 length and attends over its filled prefix, so its shapes grow with every token. Prompts of different
 lengths are prefilled right-padded (`KVCache.prefill`); rows of one length take the single-position path
 (slices, no mask), rows of different lengths the masked `ops.decode_attention` with kv_len per row. A
-finished row is dropped (`select_rows`) or, in the engine, replaced (`move_row`).
+finished row is dropped (`select_rows`); the engine (gpt/generation/engine.py) keeps its slots and holds
+the free ones (`hold`).
 
-`DecodeState` (the `CompiledDecoder`, gpt/generation/compiled.py): what the compiled functions update
-in place, with shapes that never change between tokens: the KV cache is (B, n_kv_head, block_size,
-head_dim) per layer (`LayerCache`), allocated once; `pos` is a device tensor that the step advances
-itself (no host-to-device copy per token); the penalty state (tokens seen, tokens generated) has a row
-per batch row, finished or not. The model sees it through a view (`GPT.hidden_states(cache=...)`):
-`PrefillView` writes positions 0..T-1 of a padded prompt and attends causally (the padding comes after
-every real position, and the cache rows it fills lie past `pos`, masked until real tokens overwrite
-them); `StepView` writes position `pos` with index_copy_ and attends over the whole cache with the keys
-past `pos` masked (`ops.decode_attention`; the Triton kernel reads only the valid keys). The compiled
-step is specialized on the state's buffers themselves, so states are reused from one generation to the
-next (`DecodeState.take`).
+`DecodeState` (the `CompiledDecoder`, gpt/generation/compiled.py, and the compiled engine): what the
+compiled functions update in place, with shapes that never change between tokens: a fixed number of
+slots; the KV cache is (slots, n_kv_head, block_size + 1, head_dim) per layer (`LayerCache`, the last
+position a scratch one), allocated once; `pos` (slots,) is each slot's length, a device tensor that the
+step advances itself (no host-to-device copy per token); the penalty state (tokens seen, tokens
+generated) has a row per slot. The model sees it through a view (`GPT.hidden_states(cache=...)`):
+`PrefillView` writes positions 0..T-1 of right-padded prompts into every slot or into chosen slots and
+attends causally (the padding comes after every real position, and the cache rows it fills lie past the
+slot's length, masked until real tokens overwrite them); `StepView` writes each slot's token at its own
+position and attends over the whole cache with each slot's keys past its length masked
+(`ops.decode_attention` with kv_len per slot; the Triton kernel reads only the valid keys); a slot that
+does not decode in a step (free, just prefilled) writes to the scratch position and attends to nothing.
+The compiled step is specialized on the state's buffers themselves, so states are reused from one
+generation to the next (`DecodeState.take`).
 """
 from __future__ import annotations
 
@@ -167,13 +171,6 @@ class KVCache:
         self.lengths = [self.lengths[i] for i in index.tolist()]
         self.live = len(self.lengths)
 
-    def move_row(self, src: int, dst: int) -> None:
-        """Row dst becomes a copy of row src (its keys, values and length)."""
-        n = self.lengths[src]
-        self._k[:, dst, :, :n] = self._k[:, src, :, :n]
-        self._v[:, dst, :, :n] = self._v[:, src, :, :n]
-        self.lengths[dst] = n
-
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
@@ -211,9 +208,10 @@ class CachePrefill:
 
 
 class LayerCache(nn.Module):
-    """One layer's keys and values, (B, n_kv_head, block_size, head_dim) each. A tensor per layer, not
-    one for all: a compiled in-place write into a view of a larger buffer makes AOTAutograd copy the
-    whole buffer back at every step, a write into a whole input buffer is done in place."""
+    """One layer's keys and values, (B, n_kv_head, block_size + 1, head_dim) each: block_size positions and
+    a scratch position, where the step writes the placeholder tokens of slots that do not decode. A tensor
+    per layer, not one for all: a compiled in-place write into a view of a larger buffer makes AOTAutograd
+    copy the whole buffer back at every step, a write into a whole input buffer is done in place."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device):
         super().__init__()
@@ -222,8 +220,8 @@ class LayerCache(nn.Module):
 
 
 class DecodeState(nn.Module):
-    """What the compiled functions update in place, as buffers: the KV cache of every layer, the next
-    position, and the penalty state (tokens seen, tokens generated).
+    """What the compiled functions update in place, as buffers: the KV cache of every layer, each slot's
+    length (`pos`, (B,)), and the penalty state (tokens seen, tokens generated).
 
     The compiled step is specialized on these buffers themselves (the frozen CPU step guards on their
     identity, a CUDA graph on their addresses), so a state is reused from one generation to the next
@@ -233,12 +231,12 @@ class DecodeState(nn.Module):
         super().__init__()
         c = model.config
         device = model.wte.weight.device
-        shape = (batch, c.n_kv_head, c.block_size, c.head_dim)
+        shape = (batch, c.n_kv_head, c.block_size + 1, c.head_dim)
         self.layers = nn.ModuleList(LayerCache(shape, dtype, device) for _ in range(c.n_layer))
-        self.batch = batch
+        self.batch, self.block_size = batch, c.block_size
         self.owner = weakref.ref(model)
         self.in_use = False
-        self.register_buffer("pos", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("pos", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
         vocab = (batch, c.vocab_size)
         self.register_buffer("seen", torch.zeros(vocab, dtype=torch.bool, device=device) if seen else None,
                              persistent=False)
@@ -250,8 +248,8 @@ class DecodeState(nn.Module):
     @classmethod
     def take(cls, model, batch: int, dtype: torch.dtype, seen: torch.Tensor | None, counts: bool) -> "DecodeState":
         """A state for this model, batch and dtype, reused if one is free (its old cache contents stay: they
-        lie past `pos`, masked, until overwritten), set up for a new generation: `seen` copied in, the
-        counts zeroed. Release it with `release()`."""
+        lie past each slot's length, masked, until overwritten), set up for a new generation: `seen` copied
+        in, the counts zeroed. Release it with `release()`."""
         key = (id(model), batch, dtype, seen is not None, counts)
         state = cls._pool.pop(key, None)
         # The same model object (not another that reuses its id), on the same device (it may have moved).
@@ -273,18 +271,26 @@ class DecodeState(nn.Module):
 
 
 class PrefillView:
-    """The cache as `GPT.hidden_states` sees it in prefill: positions 0..T-1 (T static)."""
+    """The cache as `GPT.hidden_states` sees it in prefill: prompts right-padded to T (static) at positions
+    0..T-1 of every slot (rows None: the tokens' rows are the slots) or of the slots `rows` ((m,) tensor),
+    plain causal attention over the new keys (the padding comes after every real token of its row)."""
 
-    def __init__(self, state: DecodeState):
-        self.state = state
+    def __init__(self, state: DecodeState, rows: torch.Tensor | None = None):
+        self.state, self.rows = state, rows
 
     def rope(self, cos, sin, T: int):
         return cos[:T], sin[:T]
 
     def attend(self, layer: int, q, k, v, op):
         cache, T = self.state.layers[layer], k.shape[2]
-        cache.k[:, :, :T] = k
-        cache.v[:, :, :T] = v
+        if self.rows is None:
+            cache.k[:, :, :T] = k
+            cache.v[:, :, :T] = v
+        else:
+            heads = torch.arange(k.shape[1], device=k.device)[None, :, None]
+            index = (self.rows[:, None, None], heads, torch.arange(T, device=k.device)[None, None, :])
+            cache.k.index_put_(index, k.to(cache.k.dtype))
+            cache.v.index_put_(index, v.to(cache.v.dtype))
         return op.attention(q, k, v, causal=True)
 
     def advance(self, T: int) -> None:
@@ -292,19 +298,25 @@ class PrefillView:
 
 
 class StepView:
-    """The cache as `GPT.hidden_states` sees it in a one-token step: position state.pos."""
+    """The cache as `GPT.hidden_states` sees it in a one-token step: each slot at its own position
+    state.pos[b]; slots where `active` is False (free, just prefilled, finished) write their placeholder
+    token to the scratch position and attend to nothing."""
 
-    def __init__(self, state: DecodeState):
+    def __init__(self, state: DecodeState, active: torch.Tensor):
         self.state = state
-        self.kv_len = (state.pos + 1).repeat(state.batch)   # (B,) valid keys once this token is in, contiguous
+        pos = state.pos
+        self.write = torch.where(active, pos, state.block_size)        # (B,)
+        self.kv_len = torch.where(active, pos + 1, 0)                  # (B,) valid keys once this token is in
+        self.rows = torch.arange(state.batch, device=pos.device)
 
     def rope(self, cos, sin, T: int):
-        return cos.index_select(0, self.state.pos), sin.index_select(0, self.state.pos)
+        p = self.state.pos.clamp(max=cos.shape[0] - 1)
+        return cos.index_select(0, p)[:, None], sin.index_select(0, p)[:, None]   # (B, 1, D/2): per slot
 
     def attend(self, layer: int, q, k, v, op):
         cache = self.state.layers[layer]
-        cache.k.index_copy_(2, self.state.pos, k.to(cache.k.dtype))
-        cache.v.index_copy_(2, self.state.pos, v.to(cache.v.dtype))
+        cache.k[self.rows, :, self.write] = k[:, :, 0].to(cache.k.dtype)     # (B, Hkv, D) at each slot's position
+        cache.v[self.rows, :, self.write] = v[:, :, 0].to(cache.v.dtype)
         return op.decode_attention(q, cache.k, cache.v, self.kv_len)
 
     def advance(self, T: int) -> None:

@@ -9,18 +9,21 @@ generated C++ on the CPU (the row-wise ops fused around the matmuls), one CUDA-g
 
 What is static. `torch.compile(fullgraph=True, dynamic=False)` needs shapes that do not change between
 tokens, so:
-- the KV cache, the next position and the penalty state live in a `DecodeState`
-  (gpt/generation/cache.py): the cache is block_size long, `pos` a device tensor the step advances
-  itself, and the step attends over the whole cache with the keys past `pos` masked;
+- the KV cache, each row's length and the penalty state live in a `DecodeState`
+  (gpt/generation/cache.py): a fixed number of rows (slots), the cache block_size long (plus a scratch
+  position), `pos` a (slots,) device tensor the step advances itself, and the step attends over the
+  whole cache with each row's keys past its own `pos` masked (`ops.decode_attention`, kv_len per row);
 - sampling: which steps run (`SamplingPlan`) is fixed, their values are a tensor, and the Exp(1) noise
   of the draw is made before the step with the caller's generator (gpt/generation/sampling.py `race`),
   so a new temperature does not recompile and the step never waits for the host;
-- the batch: a finished row keeps being computed (its tokens are dropped) instead of leaving the
-  batch, which would change the shape.
+- the batch: a row that does not decode in a step (finished, free in the engine, or re-prefilled in this
+  step) is held by the step's `active` mask (its placeholder token written to the scratch position, no
+  keys attended, its length unchanged) instead of leaving the batch, which would change the shape.
 
-Prefill is a second compiled function, on the prompt padded at its end (a fresh buffer each time, so its
-strides never differ: a view would make it compile again); causal attention keeps the padding out of
-every real position. How far it is padded (`prefill_pad`):
+Prefill is a second compiled function, on the prompts right-padded to one length (a fresh buffer each time,
+so its strides never differ: a view would make it compile again), into every slot or into chosen ones;
+causal attention keeps the padding out of every real position, so rows of different lengths need no mask,
+and each row's `pos` becomes its own length. How far it is padded (`prefill_pad`):
 - "bucket" (the default): to the next power of two from 16 (16, 32, 64, ..., capped at block_size), so a
   new prompt length compiles again only when it falls in a new bucket, and a short prompt is prefilled
   over few positions;
@@ -36,7 +39,11 @@ every real position. How far it is padded (`prefill_pad`):
 
 Past block_size: as the eager decoder (gpt/generation/eager.py), keep the last block_size // 2 tokens and
 prefill them again from position 0 (one more prefill of the same shape with "block"; of the
-block_size // 2 bucket with "bucket").
+block_size // 2 bucket with "bucket"); rows of different lengths get there at different steps, and such a
+row is prefilled alone into its slot (a batch-1 graph) while the step holds it.
+
+The engine (gpt/generation/engine.py) runs `rows_step` (each slot with its own sampling settings) and
+`prefill_logits` (one request into its slot; the engine samples it) through the same `Compiled` calls.
 
 Cost. Compiling takes seconds to a minute, once per (batch size, prefill shape, sampling plan, weights)
 in a process; `compile_log` records each call that compiled and how long it took (the sampler prints
@@ -61,7 +68,9 @@ from ..errors import ConfigError
 from ..ops import _warn_once
 from ..runtime import autocast, resolve_compute_dtype
 from .cache import DecodeState, PrefillView, StepView
-from .sampling import SamplingConfig, SamplingPlan, choose_tokens, draw_exponential, record_tokens, token_counts
+from .eager import prompt_lengths
+from .sampling import (SamplingConfig, SamplingPlan, choose_tokens, choose_tokens_rows, draw_exponential,
+                       record_tokens, token_counts)
 
 PREFILL_MIN = 16
 PREFILL_PADS = ("bucket", "block")   # how far a prompt is padded for prefill (the module docstring)
@@ -85,31 +94,84 @@ def prefill_length(length: int, block_size: int, pad: str = "bucket") -> int:
     return block_size if pad == "block" else prefill_bucket(length, block_size)
 
 
-def _choose(state: DecodeState, logits, plan: SamplingPlan, params, noise):
-    nxt = choose_tokens(logits, plan, params, state.seen, state.counts, noise)
-    record_tokens(nxt, state.seen, state.counts)
+def _record(nxt, seen, counts, active=None) -> None:
+    """record_tokens for the rows where active (B,) is True (every row when None)."""
+    if active is None:
+        record_tokens(nxt, seen, counts)
+        return
+    if seen is not None:
+        seen.scatter_(1, nxt, seen.gather(1, nxt) | active[:, None])
+    if counts is not None:
+        counts.scatter_add_(1, nxt, active[:, None].to(counts.dtype))
+
+
+def _prefill_logits(model, state: DecodeState, tokens, rows, last, device, dtype):
+    with autocast(device, dtype):
+        h = model.hidden_states(tokens, cache=PrefillView(state, rows))
+        logits = model.lm_head(h[torch.arange(tokens.shape[0], device=tokens.device), last])
+    if rows is None:
+        state.pos.copy_(last + 1)
+    else:
+        state.pos.index_copy_(0, rows, last + 1)
+    return logits
+
+
+def prefill(model, state: DecodeState, tokens, rows, last, plan: SamplingPlan, params, noise, device, dtype):
+    """Fill the cache of the slots `rows` ((m,) tensor; None: every slot, in order) from their prompts
+    tokens (m, bucket), right-padded, row i's real part ending at index last[i]; sample the token after it
+    for each. state.pos[rows] becomes last + 1."""
+    logits = _prefill_logits(model, state, tokens, rows, last, device, dtype)
+    seen, counts = state.seen, state.counts
+    if rows is not None:
+        seen = seen.index_select(0, rows) if seen is not None else None
+        counts = counts.index_select(0, rows) if counts is not None else None
+    nxt = choose_tokens(logits, plan, params, seen, counts, noise)
+    record_tokens(nxt, seen, counts)
+    if rows is not None:
+        if seen is not None:
+            state.seen.index_copy_(0, rows, seen)
+        if counts is not None:
+            state.counts.index_copy_(0, rows, counts)
     return nxt
 
 
-def prefill(model, state: DecodeState, tokens, last, plan: SamplingPlan, params, noise, device, dtype):
-    """Fill the cache from tokens (B, bucket), whose real part ends at index `last` (a (1,) tensor), and
-    sample the token after it; state.pos becomes last + 1."""
-    with autocast(device, dtype):
-        h = model.hidden_states(tokens, cache=PrefillView(state))
-        logits = model.lm_head(h.index_select(1, last)[:, 0])
-    state.pos.copy_(last + 1)
-    return _choose(state, logits, plan, params, noise)
+def prefill_logits(model, state: DecodeState, tokens, rows, last, device, dtype):
+    """`prefill` without the sampling: the logits (m, V) after each prompt (the engine samples them with
+    each request's own settings)."""
+    return _prefill_logits(model, state, tokens, rows, last, device, dtype)
 
 
-def decode_step(model, state: DecodeState, token, plan: SamplingPlan, params, noise, weights: int, device, dtype):
-    """Put token (B, 1) at state.pos, sample the next one, advance state.pos. `weights`: `weights_key(model)`."""
+def _step_logits(model, state: DecodeState, token, active, weights: int, device, dtype):
     if weights < 0:   # never: reading it makes the compiled step specialize on it
         raise ValueError(f"weights key must be >= 0, got {weights}")
     with autocast(device, dtype):
-        h = model.hidden_states(token, cache=StepView(state))
+        h = model.hidden_states(token, cache=StepView(state, active))
         logits = model.lm_head(h[:, -1])
-    state.pos.add_(1)
-    return _choose(state, logits, plan, params, noise)
+    state.pos.add_(active.to(state.pos.dtype))
+    return logits
+
+
+def decode_step(model, state: DecodeState, token, active, plan: SamplingPlan, params, noise, weights: int, device,
+                dtype):
+    """Put token (B, 1) of each active slot ((B,) bool) at its state.pos, sample the next one, advance its
+    state.pos; the other slots' tokens are placeholders (their outputs meaningless, their state unchanged).
+    `weights`: `weights_key(model)`."""
+    logits = _step_logits(model, state, token, active, weights, device, dtype)
+    nxt = choose_tokens(logits, plan, params, state.seen, state.counts, noise)
+    _record(nxt, state.seen, state.counts, active)
+    return nxt
+
+
+def rows_step(model, state: DecodeState, token, active, plan: SamplingPlan, params, noise, weights: int, device,
+              dtype):
+    """`decode_step` with each slot's own sampling settings (`choose_tokens_rows`, params (B, ROW_PARAMS))."""
+    logits = _step_logits(model, state, token, active, weights, device, dtype)
+    nxt = choose_tokens_rows(logits, plan, params, state.seen, state.counts, noise)
+    _record(nxt, state.seen, state.counts, active)
+    return nxt
+
+
+STEPS = (decode_step, rows_step)     # compiled with the step's options (`_compiled_fn`)
 
 
 @dataclass
@@ -168,7 +230,7 @@ def _compiled_fn(fn, device: torch.device):
         for name in ("recompile_limit", "cache_size_limit"):   # the name changed in torch 2.6
             if hasattr(dynamo_config, name):
                 setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
-        mode = STEP_MODE.get(device.type) if fn is decode_step else None
+        mode = STEP_MODE.get(device.type) if fn in STEPS else None
         _compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
     return _compiled[key]
 
@@ -201,47 +263,14 @@ def weights_key(model) -> int:
     return _weights_keys.setdefault(sig, len(_weights_keys))
 
 
-class CompiledDecoder:
-    """The eager `Decoder`'s interface (`rows`, `batch`, `step()`, `keep(mask)`) on static shapes.
+class Compiled:
+    """Calls the functions of this module compiled for `device` (or eagerly: compile=False), with the
+    bookkeeping: `compile_log` entries for calls that compiled, CUDA-graph step marks and output copies,
+    the step's inductor settings, and a fall back to eager calls (said once) where compiling fails."""
 
-    compile=False runs the same functions eagerly (for tests: the compiled path must give their tokens).
-    prefill_pad: "bucket" or "block", how far prompts are padded for prefill (the module docstring).
-    The caller puts the model in eval mode and disables autograd.
-    """
-
-    def __init__(self, model, idx: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
-                 dtype: torch.dtype | str | None = None, compile: bool = True, prefill_pad: str = "bucket"):
-        prefill_length(1, 1, prefill_pad)        # an unknown value: ConfigError before any work
-        if idx.dim() == 1:
-            idx = idx.unsqueeze(0)
-        if idx.numel() == 0 or idx.shape[1] == 0:
-            raise ValueError("generate needs a non-empty prompt (at least one token per row)")
-        self.model, self.generator = model, generator
-        self.block = model.config.block_size
-        self.keep_len = max(self.block // 2, 1)
-        self.device = idx.device
-        self.compute_dtype = resolve_compute_dtype(dtype, self.device)
-        # The dtype k and v come out in: autocast's, or the weights' where there is no autocast.
-        kv_dtype = self.compute_dtype if self.compute_dtype != torch.float32 else model.wte.weight.dtype
-        vocab = model.config.vocab_size
-        self.plan = SamplingPlan.of(sampling, vocab)
-        self.params = SamplingPlan.params(sampling, self.device)
-        seen = token_counts(idx, vocab) > 0 if self.plan.repetition else None
-        self.kv_dtype = kv_dtype
-        self.state = DecodeState.take(model, idx.shape[0], kv_dtype, seen, self.plan.counts)
-        weakref.finalize(self, self.state.release)   # free for the next generation once this one is gone
-        self.window = idx[:, -self.block:]
-        self.pending: torch.Tensor | None = None   # the last sampled token, not yet in the cache
-        self.pos: int | None = None                # positions filled in the cache (host-side count)
-        self.rows = torch.arange(idx.shape[0], device=self.device)   # original row of each active row
-        self.active: torch.Tensor | None = None    # where the active rows are in the full batch (None: all)
-        self.compile = compile
-        self.prefill_pad = prefill_pad
+    def __init__(self, device: torch.device, compile: bool = True):
+        self.device, self.compile = device, compile
         self._fns = {}
-
-    @property
-    def batch(self) -> int:
-        return self.rows.shape[0]
 
     def _fn(self, fn):
         if not self.compile:
@@ -250,16 +279,18 @@ class CompiledDecoder:
             self._fns[fn] = _compiled_fn(fn, self.device)
         return self._fns[fn]
 
-    def _call(self, fn, kind: str, length: int, *args):
-        key = (self.weights, kind, self.window.shape[0], length, self.plan, self.kv_dtype)
+    def __call__(self, fn, kind: str, batch: int, length: int, key, *args, dtype=None):
+        """fn(*args, device, dtype). kind, batch, length: what `compile_log` records; key: the rest of what
+        the call is specialized on (weights, sampling plan, ...)."""
+        key = (fn.__name__, batch, length, key)
         first = self.compile and key not in _seen_keys
         if self.device.type == "cuda" and self.compile:
             torch.compiler.cudagraph_mark_step_begin()
         graphs = _graphs_compiled()
         start = time.perf_counter()
         try:
-            with _step_config(self.device, self.compile and fn is decode_step):
-                out = self._fn(fn)(*args, self.device, self.compute_dtype)
+            with _step_config(self.device, self.compile and fn in STEPS):
+                out = self._fn(fn)(*args, self.device, dtype)
         except Exception as e:
             if not first:
                 raise
@@ -267,53 +298,140 @@ class CompiledDecoder:
             _warn_once(f"compiling the decode step failed ({type(e).__name__}: {str(e).strip()[:200]}); "
                       f"decoding without compilation")
             self.compile = False
-            return fn(*args, self.device, self.compute_dtype)
+            return fn(*args, self.device, dtype)
         _seen_keys.add(key)
         if self.compile and _graphs_compiled() > graphs:   # this call compiled (or compiled again)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            compile_log.append(CompileEvent(kind, self.window.shape[0], length, time.perf_counter() - start))
+            compile_log.append(CompileEvent(kind, batch, length, time.perf_counter() - start))
         return out.clone() if self.device.type == "cuda" and self.compile else out   # the graph reuses its output
+
+
+class CompiledDecoder:
+    """The eager `Decoder`'s interface (`rows`, `batch`, `step()`, `keep(mask)`) on static shapes.
+
+    idx (B, T): the prompts; with `lengths`, row b's prompt is idx[b, :lengths[b]] (right padding), each
+    row then at its own length in the cache. compile=False runs the same functions eagerly (for tests: the
+    compiled path must give their tokens). prefill_pad: "bucket" or "block", how far prompts are padded for
+    prefill (the module docstring). The caller puts the model in eval mode and disables autograd.
+    """
+
+    def __init__(self, model, idx: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
+                 dtype: torch.dtype | str | None = None, compile: bool = True, prefill_pad: str = "bucket",
+                 lengths=None):
+        prefill_length(1, 1, prefill_pad)        # an unknown value: ConfigError before any work
+        if idx.dim() == 1:
+            idx = idx.unsqueeze(0)
+        if idx.numel() == 0 or idx.shape[1] == 0:
+            raise ValueError("generate needs a non-empty prompt (at least one token per row)")
+        full = prompt_lengths(idx, lengths)
+        self.model, self.generator = model, generator
+        self.block = model.config.block_size
+        self.keep_len = max(self.block // 2, 1)
+        self.device = idx.device
+        self.compute_dtype = resolve_compute_dtype(dtype, self.device)
+        # The dtype k and v come out in: autocast's, or the weights' where there is no autocast.
+        kv_dtype = self.compute_dtype if self.compute_dtype != torch.float32 else model.wte.weight.dtype
+        vocab = model.config.vocab_size
+        B = idx.shape[0]
+        self.plan = SamplingPlan.of(sampling, vocab)
+        self.params = SamplingPlan.params(sampling, self.device)
+        seen = token_counts(idx, vocab, full) > 0 if self.plan.repetition else None
+        self.kv_dtype = kv_dtype
+        self.state = DecodeState.take(model, B, kv_dtype, seen, self.plan.counts)
+        weakref.finalize(self, self.state.release)   # free for the next generation once this one is gone
+        # Each row's window is ctx[b, :lens[b]] (as in the eager Decoder).
+        self.lens = [min(n, self.block) for n in full]
+        self.ctx = idx.new_zeros(B, self.block + 1)
+        for b, (n, kept) in enumerate(zip(full, self.lens)):
+            self.ctx[b, :kept] = idx[b, n - kept:n]
+        self.fresh = [True] * B                    # rows whose cache does not hold their window
+        self.going = [True] * B                    # rows still returned (a dropped row is held from then on)
+        self.pending = idx.new_zeros(B, 1)         # the last sampled token of each row, not yet in the cache
+        self.rows = torch.arange(B, device=self.device)   # original row of each active row
+        self.active: torch.Tensor | None = None    # where the active rows are in the full batch (None: all)
+        self.prefill_pad = prefill_pad
+        self.weights: int | None = None
+        self.calls = Compiled(self.device, compile)
+
+    @property
+    def compile(self) -> bool:
+        return self.calls.compile
+
+    @property
+    def batch(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def window(self) -> torch.Tensor:
+        """The context of each row, right-padded to the longest."""
+        return self.ctx[:, :max(self.lens)]
 
     def _noise(self):
         if self.plan.greedy:
             return None
-        return draw_exponential((self.window.shape[0], self.model.config.vocab_size), self.generator, self.device)
+        return draw_exponential((self.ctx.shape[0], self.model.config.vocab_size), self.generator, self.device)
+
+    def _prefill(self, rows: list[int] | None, noise):
+        """Prefill the rows (None: every row) from their windows; their next tokens."""
+        lens = self.lens if rows is None else [self.lens[b] for b in rows]
+        length = prefill_length(max(lens), self.block, self.prefill_pad)
+        # A fresh buffer, never a view of the window: the compiled prefill is specialized on the strides
+        # (a batch-1 slice of the window keeps the window's row stride), which would compile it again.
+        tokens = self.ctx.new_zeros(len(lens), length)
+        tokens[:, :max(lens)] = self.ctx[:, :max(lens)] if rows is None else self.ctx[rows, :max(lens)]
+        last = torch.tensor(lens, device=self.device) - 1
+        index = None if rows is None else torch.tensor(rows, device=self.device)
+        if index is not None and noise is not None:
+            noise = noise.index_select(0, index)
+        return self.calls(prefill, "prefill", len(lens), length, (self.weights, self.plan, self.kv_dtype, index is None),
+                          self.model, self.state, tokens, index, last, self.plan, self.params, noise,
+                          dtype=self.compute_dtype)
 
     def step(self) -> torch.Tensor:
         """Sample the next token (n, 1) of each of the n active rows (in the order of `rows`)."""
-        if self.pos is None or self.pos >= self.block:   # the start, or the cache is full
-            if self.pos is not None:
-                self.window = self.window[:, -self.keep_len:]
-            if self.pos is None:
-                self.weights = weights_key(self.model)
-            T = self.window.shape[1]
-            length = prefill_length(T, self.block, self.prefill_pad)
-            # A fresh buffer, never a view of the window: the compiled prefill is specialized on the strides
-            # (a batch-1 slice of the window keeps the window's row stride), which would compile it again.
-            tokens = self.window.new_zeros(self.window.shape[0], length)
-            tokens[:, :T] = self.window
-            last = torch.tensor([T - 1], device=self.device)
-            nxt = self._call(prefill, "prefill", length, self.model, self.state, tokens, last, self.plan,
-                             self.params, self._noise())
-            self.pos = T
+        if self.weights is None:
+            self.weights = weights_key(self.model)
+        B = self.ctx.shape[0]
+        for b, n in enumerate(self.lens):
+            if n > self.block and self.going[b]:   # full: restart from the most recent tokens
+                self.ctx[b, :self.keep_len] = self.ctx[b, n - self.keep_len:n].clone()
+                self.lens[b] = self.keep_len
+                self.fresh[b] = True
+        noise = self._noise()
+        prefill_rows = [b for b in range(B) if self.fresh[b]]
+        if len(prefill_rows) == B:       # the start, or rows of one length cropped together: one prefill
+            nxt = self._prefill(None, noise)
         else:
-            nxt = self._call(decode_step, "step", 1, self.model, self.state, self.pending, self.plan,
-                             self.params, self._noise(), self.weights)
-            self.pos += 1
-        self.window = torch.cat((self.window, nxt), dim=1)
+            active = torch.tensor([not f and g for f, g in zip(self.fresh, self.going)], device=self.device)
+            nxt = self.calls(decode_step, "step", B, 1, (self.weights, self.plan, self.kv_dtype),
+                             self.model, self.state, self.pending, active, self.plan, self.params, noise, self.weights,
+                             dtype=self.compute_dtype)
+            for b in prefill_rows:       # rows cropped past block_size while the others decode
+                nxt = nxt.index_copy(0, torch.tensor([b], device=self.device), self._prefill([b], noise))
+        if min(self.lens) == max(self.lens) and all(self.going):
+            self.ctx[:, self.lens[0]] = nxt[:, 0]
+        else:
+            going = [b for b in range(B) if self.going[b]]
+            self.ctx[torch.tensor(going, device=self.device), torch.tensor([self.lens[b] for b in going],
+                                                                           device=self.device)] = nxt[going, 0]
+        self.lens = [n + 1 if g else n for n, g in zip(self.lens, self.going)]
+        self.fresh = [False] * B
         self.pending = nxt
         return nxt if self.active is None else nxt.index_select(0, self.active)
 
     def keep(self, mask: torch.Tensor) -> None:
-        """Keep the active rows where mask (n,) is True. The others stop being returned; they are still
-        computed (the batch shape is part of the compiled step)."""
+        """Keep the active rows where mask (n,) is True. The others stop being returned and are held in the
+        step from then on (the batch shape is part of the compiled step)."""
         index = mask.nonzero().squeeze(1)
         if index.shape[0] == self.batch:
             return
         self.rows = self.rows[index]
         self.active = index if self.active is None else self.active[index]
+        kept = set(self.active.tolist())
+        self.going = [b in kept for b in range(self.ctx.shape[0])]
 
 
-__all__ = ["CompiledDecoder", "CompileEvent", "PREFILL_PADS", "compile_log", "compile_unavailable_reason",
-           "decode_step", "prefill", "prefill_bucket", "prefill_length", "weights_key"]
+__all__ = ["CompiledDecoder", "Compiled", "CompileEvent", "PREFILL_PADS", "compile_log", "compile_unavailable_reason",
+           "decode_step", "rows_step", "prefill", "prefill_logits", "prefill_bucket", "prefill_length",
+           "weights_key"]

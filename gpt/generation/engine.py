@@ -24,16 +24,24 @@ inside a UTF-8 character or shows the beginning of a possible stop string; those
 later event. The last event has the finish reason and the rest of the text: all the events' texts
 together are the completion's text, cut before a stop string (what `generate_completions` returns for it).
 
-With compile=True the decode step is the compiled static-shape step over every slot
-(gpt/generation/compiled.py), where compilation is available.
+With compile=True (where compilation is available, gpt/generation/compiled.py) the cache is a
+`DecodeState` of `slots` rows with a length per slot, the decode step over every slot is one compiled
+static-shape function (`rows_step`: the slots that do not decode are held, their placeholder tokens
+written to a scratch position), and each prefill one compiled call per request (`prefill_logits`, one
+graph per prompt-length bucket). The step is specialized on a sampling plan (which steps run) that only
+grows: every step any request so far needed, top-k's k rounded up to a power of two. A step a row does not
+use leaves its token as it is, so the step compiles again only when a request switches on a step no
+earlier one used (at most once per step, and per top-k size); new values (a temperature, a seed) never.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,9 +52,9 @@ from ..errors import ConfigError
 from ..ops import _warn_once
 from ..runtime import autocast, resolve_compute_dtype
 from .api import StopStrings, held_back
-from .cache import KVCache
-from .compiled import compile_unavailable_reason
-from .sampling import (SamplingConfig, check_sampling_value, choose_tokens_rows, draw_exponential, record_tokens,
+from .cache import DecodeState, KVCache
+from .compiled import Compiled, compile_unavailable_reason, prefill_length, prefill_logits, rows_step, weights_key
+from .sampling import (SamplingConfig, SamplingPlan, check_sampling_value, choose_tokens_rows, draw_exponential, record_tokens,
                        rows_params, rows_plan, token_counts)
 
 log = logging.getLogger(__name__)
@@ -231,18 +239,29 @@ class Engine:
         self.compute_dtype = resolve_compute_dtype(dtype, self.device)
         c = model.config
         self.block, self.keep_len, self.vocab = c.block_size, max(c.block_size // 2, 1), c.vocab_size
-        self.compile = False
-        if compile:
-            reason = compile_unavailable_reason(self.device) or "the engine's compiled step is not built yet"
+        reason = compile_unavailable_reason(self.device) if compile else None
+        if reason is not None:
             _warn_once(f"decoding without compilation: {reason}")
-        self.cache = KVCache.for_model(model, slots)
-        self.seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
-        self.counts = torch.zeros(slots, self.vocab, device=self.device)
+        self.calls: Compiled | None = None      # the compiled functions (compile=True where available)
+        self.cache: KVCache | None = None       # the eager path's cache
+        if compile and reason is None:
+            self.calls = Compiled(self.device)
+            # The dtype k and v come out in: autocast's, or the weights' where there is no autocast.
+            self.kv_dtype = self.compute_dtype if self.compute_dtype != torch.float32 else model.wte.weight.dtype
+            seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
+            self.state = DecodeState.take(model, slots, self.kv_dtype, seen, True)
+            weakref.finalize(self, self.state.release)
+            self.seen, self.counts = self.state.seen, self.state.counts
+        else:
+            self.cache = KVCache.for_model(model, slots)
+            self.seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
+            self.counts = torch.zeros(slots, self.vocab, device=self.device)
         self._rows: list[_Row | None] = [None] * slots
         self._waiting: deque[Request] = deque()
         self._lock = threading.Condition()        # guards _waiting and the stopping flags; wakes the thread
         self._step_lock = threading.Lock()        # one step at a time
         self._sampling = None                     # (plan, params) of the busy rows, rebuilt when they change
+        self._step_plan = None                    # the compiled step's plan so far (`_grown`)
         self._thread: threading.Thread | None = None
         self._running = False
         self._closed = False                      # stop() was called: no more submissions
@@ -295,16 +314,21 @@ class Engine:
             if not any(r is not None for r in self._rows):
                 return work
             try:
-                with autocast(self.device, self.compute_dtype):
-                    logits = self._logits()
-                tokens = self._choose(logits)
+                self._crop()
+                if self.calls is not None:
+                    tokens = self._next_compiled()
+                else:
+                    with autocast(self.device, self.compute_dtype):
+                        logits = self._logits()
+                    tokens = self._choose(logits)
             except Exception as e:       # the model failed: end the busy requests, keep serving
                 log.exception("engine step failed")
                 for slot, row in enumerate(self._rows):
                     if row is not None:
                         row.request.error = f"{type(e).__name__}: {e}"
                         self._finish(slot, "error")
-                self.cache.reset()
+                if self.cache is not None:
+                    self.cache.reset()
                 return True
             for slot, token in enumerate(tokens):
                 if self._rows[slot] is not None:
@@ -350,13 +374,15 @@ class Engine:
         self.counts[slot] = 0
         self._sampling = None
 
-    def _logits(self) -> torch.Tensor:
-        """The next-token logits (slots, V) of every slot (free slots: anything)."""
-        rows = self._rows
-        for row in rows:
+    def _crop(self) -> None:
+        for row in self._rows:
             if row is not None and len(row.window) > self.block:   # full: restart from the most recent tokens
                 row.window = row.window[-self.keep_len:]
                 row.fresh = True
+
+    def _logits(self) -> torch.Tensor:
+        """The next-token logits (slots, V) of every slot (free slots: anything), eagerly."""
+        rows = self._rows
         prefill = [s for s, r in enumerate(rows) if r is not None and r.fresh]
         decode = [s for s, r in enumerate(rows) if r is not None and not r.fresh]
         model = self.model
@@ -378,20 +404,80 @@ class Engine:
             logits = logits.index_copy(0, torch.tensor(prefill, device=self.device), out)
         return logits
 
-    def _choose(self, logits: torch.Tensor) -> list[int]:
-        rows = self._rows
+    def _plan(self):
+        """The sampling plan and params (slots, ROW_PARAMS) of the busy slots (free ones: greedy)."""
         if self._sampling is None:
-            configs = [r.sampling if r is not None else SamplingConfig(temperature=0.0) for r in rows]
-            self._sampling = (rows_plan(configs, self.vocab), rows_params(configs, self.vocab, self.device))
-        plan, params = self._sampling
-        noise = None
-        if not plan.greedy:
-            draws = [draw_exponential((1, self.vocab), r.generator, self.device)
-                     if r is not None and r.sampling.temperature != 0 else None for r in rows]
-            noise = torch.cat([d if d is not None else torch.ones(1, self.vocab, device=self.device) for d in draws])
+            configs = [r.sampling if r is not None else SamplingConfig(temperature=0.0) for r in self._rows]
+            plan = rows_plan(configs, self.vocab)
+            if self.calls is not None:
+                plan = self._grown(plan)
+            self._sampling = (plan, rows_params(configs, self.vocab, self.device))
+        return self._sampling
+
+    def _grown(self, plan):
+        """The plan the compiled step runs: every step any request so far needed (a step a row does not use
+        leaves it as it is, so running more is exact), top-k's k rounded up to a power of two. It only grows,
+        so the step compiles at most once per sampling step switched on and per top-k size, not again for
+        every new mix of requests."""
+        if plan.top_k:
+            plan = dataclasses.replace(plan, top_k=min(1 << (plan.top_k - 1).bit_length(), self.vocab))
+        old = self._step_plan
+        if old is not None:
+            plan = SamplingPlan(greedy=old.greedy and plan.greedy, top_k=max(old.top_k, plan.top_k),
+                                top_p=old.top_p or plan.top_p, min_p=old.min_p or plan.min_p,
+                                repetition=old.repetition or plan.repetition, counts=old.counts or plan.counts)
+        self._step_plan = plan
+        return plan
+
+    def _noise(self, slots) -> torch.Tensor:
+        """Exp(1) noise (slots, V): drawn with each sampling row's own generator in `slots`, ones elsewhere."""
+        draws = [draw_exponential((1, self.vocab), r.generator, self.device)
+                 if s in slots and r.sampling.temperature != 0 else None for s, r in enumerate(self._rows)]
+        return torch.cat([d if d is not None else torch.ones(1, self.vocab, device=self.device) for d in draws])
+
+    def _choose(self, logits: torch.Tensor) -> list[int]:
+        plan, params = self._plan()
+        busy = {s for s, r in enumerate(self._rows) if r is not None}
+        noise = None if plan.greedy else self._noise(busy)
         nxt = choose_tokens_rows(logits, plan, params, self.seen, self.counts, noise)
         record_tokens(nxt, self.seen, self.counts)
         return nxt[:, 0].tolist()
+
+    def _next_compiled(self) -> list[int]:
+        """The next token of every slot (free slots: anything) from the compiled functions: one decode step
+        over all slots for the busy ones that decode, one prefill per slot that needs one."""
+        rows, model = self._rows, self.model
+        prefill = [s for s, r in enumerate(rows) if r is not None and r.fresh]
+        decode = [s for s, r in enumerate(rows) if r is not None and not r.fresh]
+        weights = weights_key(model)
+        tokens = [0] * self.slots
+        if decode:
+            plan, params = self._plan()
+            active = torch.tensor([s in decode for s in range(self.slots)], device=self.device)
+            pending = torch.tensor([[r.window[-1] if r is not None else 0] for r in rows], device=self.device)
+            noise = None if plan.greedy else self._noise(set(decode))
+            nxt = self.calls(rows_step, "step", self.slots, 1, (weights, plan, self.kv_dtype), model, self.state,
+                             pending, active, plan, params, noise, weights, dtype=self.compute_dtype)[:, 0].tolist()
+            for s in decode:
+                tokens[s] = nxt[s]
+        for s in prefill:
+            row = rows[s]
+            n = len(row.window)
+            length = prefill_length(n, self.block)
+            buf = torch.zeros(1, length, dtype=torch.long)
+            buf[0, :n] = torch.tensor(row.window)
+            index, last = torch.tensor([s], device=self.device), torch.tensor([n - 1], device=self.device)
+            logits = self.calls(prefill_logits, "prefill", 1, length, (weights, self.kv_dtype), model, self.state,
+                                buf.to(self.device), index, last, dtype=self.compute_dtype)
+            config = [row.sampling]
+            noise = None if row.sampling.temperature == 0 else draw_exponential((1, self.vocab), row.generator,
+                                                                                self.device)
+            seen, counts = self.seen[s:s + 1], self.counts[s:s + 1]
+            nxt = choose_tokens_rows(logits.float(), rows_plan(config, self.vocab),
+                                     rows_params(config, self.vocab, self.device), seen, counts, noise)
+            record_tokens(nxt, seen, counts)
+            tokens[s] = int(nxt[0, 0])
+        return tokens
 
     def _deliver(self, slot: int, token: int) -> None:
         row = self._rows[slot]

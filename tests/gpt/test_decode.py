@@ -1,5 +1,6 @@
 """Compiled static-shape decoding (gpt/generation/compiled.py): the same tokens as the eager decoder, prefill buckets,
-the masked decode attention, the exponential-race draw, and the fallbacks where compilation fails."""
+the masked decode attention, the exponential-race draw, the fallbacks where compilation fails, and prompts of
+different lengths in one static batch (a length per slot)."""
 import warnings
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 from gpt import GPT, GPTConfig, ops
 from gpt.errors import ConfigError
 from gpt.generation import (CompiledDecoder, Decoder, SamplingConfig, compile_unavailable_reason, compiled,
-                            generate, make_decoder, prefill, prefill_bucket, prefill_length, race)
+                            generate, generate_completions, make_decoder, prefill, prefill_bucket, prefill_length,
+                            race)
 from gpt.ops import torch_decode_attention
 from gpt.quantize import quantize_int8
 from kernels import reference
@@ -222,3 +224,59 @@ def test_the_compiled_step_never_runs_stale_weights(device):
         first.lm_head.weight.mul_(-1.0)           # in place, as an optimizer step would
     assert torch.equal(generate(first, idx, 12, temperature=0.0, compile=True),
                        generate(first, idx, 12, temperature=0.0))
+
+
+# -- per-slot lengths: prompts of different lengths in one static batch --------------------------------------
+def padded(prompts, device):
+    idx = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        idx[b, :len(p)] = torch.tensor(p)
+    return idx.to(device), [len(p) for p in prompts]
+
+
+MIXED = [3, 9, 1, 16, 21]      # one token, a few, exactly block_size (16), past it (cropped)
+
+
+@pytest.mark.parametrize("setting", ["greedy", "filters"])
+def test_a_mixed_batch_on_the_static_decoder_gives_the_eager_decoders_tokens(setting, device):
+    """Uncompiled static path, prompts of different lengths, 40 tokens (every row re-prefills at its own step,
+    alone while the others decode): the eager decoder's tokens (the same noise draws), and in greedy, with a
+    row dropped halfway, each row's tokens alone. (Sampled, a drop would part them: the eager decoder then
+    draws noise for the rows left, the static one for every slot.)"""
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16,
+                          init_std=0.5)).eval().to(device)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 50, (n,), generator=g).tolist() for n in MIXED]
+    idx, lengths = padded(prompts, device)
+    s = SamplingConfig(**SETTINGS[setting])
+    decoders = [Decoder(model, idx, s, torch.Generator().manual_seed(5), lengths=lengths),
+                CompiledDecoder(model, idx, s, torch.Generator().manual_seed(5), compile=False, lengths=lengths)]
+    outs = [[], []]
+    with torch.no_grad():
+        for i in range(40):
+            for dec, out in zip(decoders, outs):
+                out.append(dict(zip(dec.rows.tolist(), dec.step()[:, 0].tolist())))
+                if i == 20 and setting == "greedy":
+                    dec.keep(torch.tensor([True, True, False, True, True], device=device))
+    assert outs[0] == outs[1]
+    if setting == "greedy":
+        assert decoders[1].state.pos.tolist()[2] <= 16        # the dropped row is held: its length stays
+        for b, p in enumerate(prompts[:2]):
+            alone = generate(model, torch.tensor([p], device=device), 40, temperature=0)[0, len(p):].tolist()
+            assert [step[b] for step in outs[1]] == alone
+
+
+def test_a_mixed_batch_compiled_gives_each_prompt_alone(device):
+    """The real compilation (inductor on the CPU, CUDA graphs on a GPU), greedy fp32: a batch of prompts of
+    different lengths through generate_completions(compile=True) equals each prompt decoded alone, eagerly."""
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32,
+                          init_std=0.5)).eval().to(device)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 50, (n,), generator=g).tolist() for n in (3, 11, 6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")    # no fallback: it really compiled
+        got = generate_completions(model, prompts, 36, temperature=0, compile=True)   # crosses block_size
+    alone = [generate_completions(model, [p], 36, temperature=0)[0].ids for p in prompts]
+    assert [c.ids for c in got] == alone

@@ -4,13 +4,14 @@ hold up short ones, cancel and stop free slots, per-row settings and seeds, stop
 incremental text. Tiny models and bounded steps; waits have timeouts."""
 import math
 import threading
+import warnings
 
 import pytest
 import torch
 
 from gpt import GPT, GPTConfig
 from gpt.errors import ConfigError
-from gpt.generation import generate, generate_completions
+from gpt.generation import compiled, generate, generate_completions
 from gpt.generation.engine import Engine, Event, RequestParams
 from gpt.tokenizer import CharTokenizer
 
@@ -278,3 +279,50 @@ def test_invalid_prompts_and_slots_are_config_errors():
     zero = engine.submit([1], RequestParams(max_tokens=0))
     engine.step()
     assert list(zero.events(timeout=0)) == [Event("", [], "length")] and engine.busy() == 0
+
+
+# -- compile=True: the static slots (gpt/generation/compiled.py) -------------------------------------------
+MIXED_PARAMS = [RequestParams(max_tokens=30, temperature=0.0),
+                RequestParams(max_tokens=12, temperature=0.9, top_k=7, seed=1),
+                RequestParams(max_tokens=25, temperature=1.2, top_k=20, top_p=0.8, repetition_penalty=1.3, seed=2),
+                RequestParams(max_tokens=8, temperature=0.0, frequency_penalty=0.7, presence_penalty=0.2),
+                RequestParams(max_tokens=20, temperature=0.7, min_p=0.1, seed=3)]
+
+
+def engine_texts(engine, prompts, params=MIXED_PARAMS):
+    requests = [engine.submit(p, params) for p, params in zip(prompts, params)]
+    return [tokens_and_text(events) for events in run(engine, requests)]
+
+
+def test_the_static_slots_give_the_eager_engines_tokens(device):
+    """Engine(compile=True) running its compiled functions eagerly (the same code compiles): the eager
+    engine's tokens and text, for prompts of mixed lengths (one past block_size), more requests than slots,
+    greedy and seeded rows with their own filters and penalties."""
+    model = random_gpt().to(device)
+    tok = CharTokenizer(RANDOM_CHARS)
+    prompts = prompts_of([3, 9, 20, 1, 6])
+    static = Engine(model, tok, slots=3, compile=True)
+    if static.calls is None:
+        pytest.skip("compilation is unavailable here: the engine decodes eagerly")
+    static.calls.compile = False
+    assert engine_texts(static, prompts) == engine_texts(Engine(model, tok, slots=3), prompts)
+
+
+def test_the_compiled_engine_gives_the_eager_engines_tokens(device):
+    """The real compilation, greedy and seeded rows of mixed lengths past block_size, more requests than slots:
+    the eager engine's tokens, with one prefill graph (one bucket) and one step graph (the plan of the first
+    two requests covers the rest)."""
+    model = random_gpt(block_size=32).to(device)
+    tok = CharTokenizer(RANDOM_CHARS)
+    prompts = prompts_of([3, 9, 12, 1, 6])
+    params = [RequestParams(max_tokens=n, temperature=t, seed=s)
+              for n, t, s in zip((30, 12, 25, 8, 20), (0.0, 0.9, 0.0, 1.2, 0.7), range(5))]
+    start = len(compiled.compile_log)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")    # no fallback: it really compiled
+        engine = Engine(model, tok, slots=2, compile=True)
+        got = engine_texts(engine, prompts, params)
+    assert engine.calls.compile
+    assert sorted((e.kind, e.batch, e.length) for e in compiled.compile_log[start:]) == [("prefill", 1, 16),
+                                                                                          ("step", 2, 1)]
+    assert got == engine_texts(Engine(model, tok, slots=2), prompts, params)
