@@ -92,6 +92,9 @@ def test_the_official_openai_client_works_unchanged(successor_server):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
     assert client.completions.create(model="tiny", prompt="a", max_tokens=3, echo=True,
                                      temperature=0).choices[0].text == "abcd"
+    r = client.completions.create(model="tiny", prompt=[[3], [CHARS.index("k"), CHARS.index("l")]], max_tokens=2,
+                                  temperature=0)                 # prompts as token ids: "b" and "kl"
+    assert [c.text for c in r.choices] == ["cd", "mn"] and r.usage.prompt_tokens == 3
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="a", max_tokens=10_000)
     assert e.value.body["param"] == "max_tokens"
