@@ -23,7 +23,7 @@ from importlib import resources
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from .protocol import APIError, Limits, error_object, models_object, parse_completion_request, parse_json, to_json

@@ -20,6 +20,8 @@ from gpt.tokenizer import CharTokenizer
 from tests.gpt.test_sampling import CHARS, successor_gpt
 
 ROOT = Path(__file__).resolve().parents[2]
+__all__ = ["CHARS", "ROOT", "SUCCESSOR_TOKENIZER", "TEXT_CHARS", "LiveServer", "ServerProcess", "random_model",
+           "save_checkpoint", "slow_down", "successor_gpt", "successor_text"]
 SUCCESSOR_TOKENIZER = CharTokenizer(CHARS)
 TEXT_CHARS = "\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
