@@ -280,11 +280,14 @@ class GPT(nn.Module):
             cache.advance(T)
         return self.norm_f(x, op)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                z_loss: float = 0.0):
         """(logits (B, T, vocab), None) without targets; with targets, (logits, loss): the cross-entropy over
         targets != -1, their mean ("mean", the default), "sum", or per position ("none": (B, T), 0 where
-        ignored). With the fused head in use (`fused_loss_in_use`) the logits are never made and None is
-        returned in their place, and a batch with every target ignored has mean loss 0 instead of NaN."""
+        ignored). z_loss: each scored position's loss also gets z_loss * lse^2, lse = the logsumexp of its
+        logits (PaLM's z-loss). With the fused head in use (`fused_loss_in_use`) the logits are never made
+        and None is returned in their place, and a batch with every target ignored has mean loss 0 instead
+        of NaN."""
         h = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(h), None
@@ -292,11 +295,18 @@ class GPT(nn.Module):
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         if self.fused_loss_in_use():
             loss = self.ops.linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                                 ignore_index=-1, reduction=reduction)
+                                                 ignore_index=-1, reduction=reduction, z_loss=z_loss)
             return None, (loss.view(targets.shape) if reduction == "none" else loss)
         logits = self.lm_head(h)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=reduction)
+        flat, t = logits.float().view(-1, logits.size(-1)), targets.reshape(-1)  # (B*T, vocab), (B*T,)
+        if not z_loss:
+            loss = F.cross_entropy(flat, t, ignore_index=-1, reduction=reduction)
+        else:
+            valid = t != -1
+            losses = F.cross_entropy(flat, t, ignore_index=-1, reduction="none") + \
+                torch.where(valid, z_loss * torch.logsumexp(flat, dim=-1).square(), 0.0)
+            loss = losses if reduction == "none" else losses.sum() if reduction == "sum" else \
+                losses.sum() / valid.sum()
         return logits, (loss.view(targets.shape) if reduction == "none" else loss)
 
     @torch.no_grad()

@@ -159,23 +159,26 @@ def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
-def _logit_grad(logits, lse, targets, valid, scale):
-    """In place: the fp32 logit tile (rows, V) -> d loss_row / d logits = softmax - onehot(target), times
-    scale (a number or a (rows,) tensor), zero on ignored rows."""
+def _logit_grad(logits, lse, targets, valid, scale, z_loss: float):
+    """In place: the fp32 logit tile (rows, V) -> d loss_row / d logits = softmax (1 + 2 z_loss lse) -
+    onehot(target) (d lse^2 / d logits = 2 lse softmax), times scale (a number or a (rows,) tensor), zero on
+    ignored rows."""
     g = logits.sub_(lse[:, None]).exp_()
+    if z_loss:
+        g.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
     g[torch.arange(g.shape[0], device=g.device), targets.where(valid, 0)] -= 1.0
     return g.mul_((valid.to(g.dtype) * scale)[:, None])
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """kernels.reference.linear_cross_entropy in chunks of rows. Forward: per chunk the logits (in the
-    matmul dtype, then fp32), their log-sum-exp and the target logit. With reduction mean/sum and a
-    gradient wanted, the gradients are made in the same pass (no second logit matmul) and the backward
-    only scales them; with "none" (a gradient per row) the backward recomputes each chunk's logits.
-    dW is accumulated in fp32 across chunks."""
+    matmul dtype, then fp32), their log-sum-exp and the target logit (the loss + z_loss lse^2). With
+    reduction mean/sum and a gradient wanted, the gradients are made in the same pass (no second logit
+    matmul) and the backward only scales them; with "none" (a gradient per row) the backward recomputes
+    each chunk's logits. dW is accumulated in fp32 across chunks."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, ignore_index, reduction, chunk_rows):
+    def forward(ctx, x, weight, targets, ignore_index, reduction, chunk_rows, z_loss):
         mm = _matmul_dtype(x, weight)
         n = x.shape[0]
         valid = targets != ignore_index
@@ -191,12 +194,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 logits = (xc @ w.t()).float()                                   # (rows, V)
                 lse = torch.logsumexp(logits, dim=-1)
                 target_logit = logits.gather(1, tc.where(vc, 0)[:, None])[:, 0]
-                losses[s:s + chunk_rows] = torch.where(vc, lse - target_logit, 0.0)
+                losses[s:s + chunk_rows] = torch.where(vc, lse - target_logit + z_loss * lse.square(), 0.0)
                 if grads_now:
-                    g = _logit_grad(logits, lse, tc, vc, 1.0 / denom if denom is not None else 1.0).to(mm)
+                    g = _logit_grad(logits, lse, tc, vc, 1.0 / denom if denom is not None else 1.0, z_loss).to(mm)
                     dx[s:s + chunk_rows] = g @ w
                     dw += (g.t() @ xc).float()
         ctx.reduction, ctx.ignore_index, ctx.chunk_rows, ctx.mm = reduction, ignore_index, chunk_rows, mm
+        ctx.z_loss = z_loss
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         if grads_now:
             ctx.save_for_backward(dx, dw)
@@ -212,7 +216,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if ctx.grads_now:
             dx, dw = ctx.saved_tensors
             grad_out = grad_out.float()
-            return (dx * grad_out).to(ctx.x_dtype), (dw * grad_out).to(ctx.w_dtype), None, None, None, None
+            return (dx * grad_out).to(ctx.x_dtype), (dw * grad_out).to(ctx.w_dtype), None, None, None, None, None
         x, weight, targets = ctx.saved_tensors
         mm, rows = ctx.mm, ctx.chunk_rows
         valid = targets != ctx.ignore_index
@@ -224,17 +228,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 xc, tc, vc = x[s:s + rows].to(mm), targets[s:s + rows], valid[s:s + rows]
                 logits = (xc @ w.t()).float()
                 lse = torch.logsumexp(logits, dim=-1)
-                g = _logit_grad(logits, lse, tc, vc, grad_out[s:s + rows].float()).to(mm)
+                g = _logit_grad(logits, lse, tc, vc, grad_out[s:s + rows].float(), ctx.z_loss).to(mm)
                 dx[s:s + rows] = (g @ w).to(ctx.x_dtype)
                 dw += (g.t() @ xc).float()
-        return dx, dw.to(ctx.w_dtype), None, None, None, None
+        return dx, dw.to(ctx.w_dtype), None, None, None, None, None
 
 
 def torch_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, reduction: str = "mean",
-                               chunk_rows: int | None = None):
+                               z_loss: float = 0.0, chunk_rows: int | None = None):
     """kernels.linear_cross_entropy semantics in PyTorch, the logits never whole: x (N, D), weight (V, D),
-    targets (N,) -> the loss in fp32 ((N,) for reduction "none"). chunk_rows: rows per chunk (default
-    loss_chunk_rows(V)); the result does not depend on it beyond float rounding."""
+    targets (N,) -> the loss in fp32 ((N,) for reduction "none"), z_loss * lse^2 added per non-ignored row.
+    chunk_rows: rows per chunk (default loss_chunk_rows(V)); the result does not depend on it beyond float
+    rounding."""
     if reduction not in reference.LOSS_REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {reference.LOSS_REDUCTIONS}, "
                          f"got {reduction!r}")
@@ -242,7 +247,7 @@ def torch_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, reduc
         raise ValueError(f"linear_cross_entropy: need x (N, D), weight (V, D), targets (N,); got "
                          f"{tuple(x.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
     rows = chunk_rows or loss_chunk_rows(weight.shape[0])
-    return _ChunkedLinearCrossEntropy.apply(x, weight, targets, ignore_index, reduction, max(1, rows))
+    return _ChunkedLinearCrossEntropy.apply(x, weight, targets, ignore_index, reduction, max(1, rows), float(z_loss))
 
 
 # The fused head is worth it where the logits are a large part of a step's memory: a vocabulary of at least
@@ -286,7 +291,7 @@ class Ops:
     swiglu_packed: Callable
     attention: Callable
     decode_attention: Callable   # (q, k_cache, v_cache, kv_len, scale=None), for a static KV cache
-    linear_cross_entropy: Callable  # (x, weight, targets, ignore_index=-1, reduction="mean"): head + loss
+    linear_cross_entropy: Callable  # (x, weight, targets, ignore_index=-1, reduction="mean", z_loss=0.0): head + loss
 
 
 # PyTorch's own fused ops for the row-wise math, SDPA for attention. Same semantics as
@@ -312,12 +317,14 @@ def _triton_decode_attention(q, k, v, kv_len, scale=None):
     return kernels.decode_attention(q, k, v, kv_len, scale=scale)
 
 
-def _triton_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, reduction: str = "mean"):
+def _triton_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, reduction: str = "mean",
+                                 z_loss: float = 0.0):
     autocast_on = torch.is_autocast_enabled(x.device.type)
     if x.is_cuda and (torch.get_autocast_dtype("cuda") if autocast_on else x.dtype) == torch.float32:
         # As for attention: exact fp32 tiles take no tensor cores and spill (kernels.report); fp32 runs chunk.
-        return torch_linear_cross_entropy(x, weight, targets, ignore_index, reduction)
-    return kernels.linear_cross_entropy(x, weight, targets, ignore_index=ignore_index, reduction=reduction)
+        return torch_linear_cross_entropy(x, weight, targets, ignore_index, reduction, z_loss)
+    return kernels.linear_cross_entropy(x, weight, targets, ignore_index=ignore_index, reduction=reduction,
+                                        z_loss=z_loss)
 
 
 @functools.cache

@@ -5,7 +5,7 @@ The public ops are the names in `OPS`: `kernels.rms_norm(x, weight, eps, residua
 `kernels.swiglu_packed(gate_up)`, `kernels.attention(q, k, v, causal, scale)`,
 `kernels.attention_with_lse(...)` and `kernels.decode_attention(q, k, v, kv_len, scale)` (a static KV cache
 masked by per-row lengths, inference only), `kernels.linear_cross_entropy(x, weight, targets, ignore_index,
-reduction)` (the output head and its loss, the logits never materialized); `kernels.reference.<op>` has the same signature. They live in private
+reduction, z_loss)` (the output head and its loss, the logits never materialized); `kernels.reference.<op>` has the same signature. They live in private
 modules (`kernels._rms_norm`, ...), so a public name is always the function, never a submodule, and are
 imported on first use: `import kernels` and `kernels.reference` work without Triton.
 """

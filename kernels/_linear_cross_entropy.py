@@ -3,7 +3,8 @@
 The (N, V) logits x @ W^T never reach global memory. Forward: one program per block of rows walks the
 vocabulary in tiles, each tile's logits made by tl.dot over the width in fp32, keeping an online
 log-sum-exp and picking out the target logit; it stores the per-row LSE (saved for the backward) and
-loss. Backward: the logit tiles are made again and turned into G = (softmax - onehot(target)) * row_scale;
+loss (+ z_loss * lse^2 with a z-loss). Backward: the logit tiles are made again and turned into
+G = (softmax * (1 + 2 z_loss lse) - onehot(target)) * row_scale;
 dX = G @ W by programs over (row block, width block), dW = G^T @ X by programs over (vocabulary block,
 width block), each accumulating in fp32 in registers and storing once: no atomics, the same bits every run.
 """
@@ -72,10 +73,11 @@ def _logit_tile(x_ptr, w_ptr, rows, cols, stride_x_row, stride_w_row, n_rows, n_
 @triton.jit
 def _lce_fwd_kernel(x_ptr, w_ptr, t_ptr, lse_ptr, loss_ptr,
                     stride_x_row, stride_w_row,
-                    n_rows, n_vocab, n_embd, ignore_index,
+                    n_rows, n_vocab, n_embd, ignore_index, z_loss,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """lse = log sum_v exp(x w_v^T) (natural log); loss = lse - x w_t^T for t = target, 0 where t is ignored."""
+    """lse = log sum_v exp(x w_v^T) (natural log); loss = lse - x w_t^T + z_loss lse^2 for t = target, 0 where t
+    is ignored."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     t = tl.load(t_ptr + rows, mask=row_ok, other=ignore_index)
@@ -94,21 +96,24 @@ def _lce_fwd_kernel(x_ptr, w_ptr, t_ptr, lse_ptr, loss_ptr,
         target_logit += tl.sum(tl.where(cols[None, :] == t[:, None], s, 0.0), 1)
     lse = m + tl.log(l)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(loss_ptr + rows, tl.where(t != ignore_index, lse - target_logit, 0.0), mask=row_ok)
+    # z_loss may arrive as an fp64 scalar (torch.compile): the cast keeps the row math in fp32.
+    loss = (lse - target_logit + z_loss * lse * lse).to(tl.float32)
+    tl.store(loss_ptr + rows, tl.where(t != ignore_index, loss, 0.0), mask=row_ok)
 
 
 @triton.jit
-def _logit_grad_tile(s, cols, t, lse, scale, n_vocab):
-    """G = (exp(s - lse) - [col == target]) * scale for one fp32 logit tile; 0 in columns past the vocabulary.
-    Ignored rows and rows past the end have scale 0."""
-    g = (tl.exp(s - lse[:, None]) - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)) * scale[:, None]
+def _logit_grad_tile(s, cols, t, lse, scale, z_loss, n_vocab):
+    """G = (exp(s - lse) (1 + 2 z_loss lse) - [col == target]) * scale for one fp32 logit tile (d lse^2 / d s =
+    2 lse softmax); 0 in columns past the vocabulary. Ignored rows and rows past the end have scale 0."""
+    p = tl.exp(s - lse[:, None]) * (1.0 + 2.0 * z_loss * lse).to(tl.float32)[:, None]
+    g = (p - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)) * scale[:, None]
     return tl.where((cols < n_vocab)[None, :], g, 0.0)
 
 
 @triton.jit
 def _lce_bwd_dx_kernel(x_ptr, w_ptr, t_ptr, lse_ptr, scale_ptr, dx_ptr,
                        stride_x_row, stride_w_row, stride_dx_row,
-                       n_rows, n_vocab, n_embd,
+                       n_rows, n_vocab, n_embd, z_loss,
                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dx[rows, dcols] = sum over the vocabulary of G[rows, v] w[v, dcols], G in x's dtype, fp32 accumulator."""
@@ -125,7 +130,7 @@ def _lce_bwd_dx_kernel(x_ptr, w_ptr, t_ptr, lse_ptr, scale_ptr, dx_ptr,
         cols = v0 + tl.arange(0, BLOCK_V)
         s = _logit_tile(x_ptr, w_ptr, rows, cols, stride_x_row, stride_w_row, n_rows, n_vocab, n_embd,
                         BLOCK_M, BLOCK_V, BLOCK_K, UPCAST, DOT_PRECISION)
-        g = _logit_grad_tile(s, cols, t, lse, scale, n_vocab).to(DTYPE)
+        g = _logit_grad_tile(s, cols, t, lse, scale, z_loss, n_vocab).to(DTYPE)
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w_row + dcols[None, :],
                     mask=(cols < n_vocab)[:, None] & d_ok[None, :], other=0.0).to(DTYPE)
         if UPCAST:
@@ -139,7 +144,7 @@ def _lce_bwd_dx_kernel(x_ptr, w_ptr, t_ptr, lse_ptr, scale_ptr, dx_ptr,
 @triton.jit
 def _lce_bwd_dw_kernel(x_ptr, w_ptr, t_ptr, lse_ptr, scale_ptr, dw_ptr,
                        stride_x_row, stride_w_row, stride_dw_row,
-                       n_rows, n_vocab, n_embd,
+                       n_rows, n_vocab, n_embd, z_loss,
                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dw[cols, dcols] = sum over the rows of G[n, cols]^T x[n, dcols], G in x's dtype, fp32 accumulator."""
@@ -156,7 +161,7 @@ def _lce_bwd_dw_kernel(x_ptr, w_ptr, t_ptr, lse_ptr, scale_ptr, dw_ptr,
         scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
         s = _logit_tile(x_ptr, w_ptr, rows, cols, stride_x_row, stride_w_row, n_rows, n_vocab, n_embd,
                         BLOCK_M, BLOCK_V, BLOCK_K, UPCAST, DOT_PRECISION)
-        g = _logit_grad_tile(s, cols, t, lse, scale, n_vocab).to(DTYPE)
+        g = _logit_grad_tile(s, cols, t, lse, scale, z_loss, n_vocab).to(DTYPE)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x_row + dcols[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
@@ -188,8 +193,10 @@ def _consts(dtype: torch.dtype) -> dict:
     return dict(UPCAST=_upcast(dtype), DOT_PRECISION=_dot_precision(dtype))
 
 
-def linear_cross_entropy_forward(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int):
-    """x (N, D), weight (V, D), targets (N,) -> losses (N,) fp32 (0 where ignored), lse (N,) fp32."""
+def linear_cross_entropy_forward(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                                 z_loss: float = 0.0):
+    """x (N, D), weight (V, D), targets (N,) -> losses (N,) fp32 (0 where ignored, + z_loss lse^2 elsewhere),
+    lse (N,) fp32."""
     _check_inputs(x, weight, targets)
     x, weight, targets = unit_last_stride(x), unit_last_stride(weight), targets.contiguous()
     (n_rows, n_embd), n_vocab = x.shape, weight.shape[0]
@@ -200,15 +207,16 @@ def linear_cross_entropy_forward(x: torch.Tensor, weight: torch.Tensor, targets:
     block_m, block_v, block_k, _ = _blocks()
     _lce_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
         x, weight, targets, lse, losses, x.stride(0), weight.stride(0), n_rows, n_vocab, n_embd, ignore_index,
-        BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, **_consts(x.dtype),
+        float(z_loss), BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, **_consts(x.dtype),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return losses, lse
 
 
 def linear_cross_entropy_backward(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                                  row_scale: torch.Tensor):
-    """d(sum_n row_scale[n] * loss[n]) for x (N, D), weight (V, D), targets (N,), the forward's lse (N,) fp32 and
-    row_scale (N,) fp32 (0 on ignored rows) -> dx (N, D) in x's dtype, dweight (V, D) in weight's dtype."""
+                                  row_scale: torch.Tensor, z_loss: float = 0.0):
+    """d(sum_n row_scale[n] * loss[n]) for x (N, D), weight (V, D), targets (N,), the forward's lse (N,) fp32,
+    row_scale (N,) fp32 (0 on ignored rows) and the forward's z_loss -> dx (N, D) in x's dtype, dweight (V, D)
+    in weight's dtype."""
     x, weight, targets = unit_last_stride(x), unit_last_stride(weight), targets.contiguous()
     row_scale = row_scale.to(torch.float32).contiguous()
     (n_rows, n_embd), n_vocab = x.shape, weight.shape[0]
@@ -221,10 +229,10 @@ def linear_cross_entropy_backward(x: torch.Tensor, weight: torch.Tensor, targets
                 num_warps=NUM_WARPS_BWD, num_stages=NUM_STAGES)
     _lce_bwd_dx_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(n_embd, block_d))](
         x, weight, targets, lse, row_scale, dx, x.stride(0), weight.stride(0), dx.stride(0),
-        n_rows, n_vocab, n_embd, **args)
+        n_rows, n_vocab, n_embd, float(z_loss), **args)
     _lce_bwd_dw_kernel[(triton.cdiv(n_vocab, block_v), triton.cdiv(n_embd, block_d))](
         x, weight, targets, lse, row_scale, dw, x.stride(0), weight.stride(0), dw.stride(0),
-        n_rows, n_vocab, n_embd, **args)
+        n_rows, n_vocab, n_embd, float(z_loss), **args)
     return dx, dw
 
 
@@ -232,49 +240,50 @@ def linear_cross_entropy_backward(x: torch.Tensor, weight: torch.Tensor, targets
 
 @torch.library.custom_op("tritongpt::linear_cross_entropy", mutates_args=())
 def _lce_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-            ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return linear_cross_entropy_forward(x, weight, targets, ignore_index)
+            ignore_index: int, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return linear_cross_entropy_forward(x, weight, targets, ignore_index, z_loss)
 
 
 @torch.library.custom_op("tritongpt::linear_cross_entropy_backward", mutates_args=())
 def _lce_backward_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                     row_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return linear_cross_entropy_backward(x, weight, targets, lse, row_scale)
+                     row_scale: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return linear_cross_entropy_backward(x, weight, targets, lse, row_scale, z_loss)
 
 
 @_lce_op.register_fake
-def _(x, weight, targets, ignore_index):
+def _(x, weight, targets, ignore_index, z_loss):
     _check_inputs(x, weight, targets)  # bad inputs fail while tracing too, with the same message
     return x.new_empty((x.shape[0],), dtype=torch.float32), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
 @_lce_backward_op.register_fake
-def _(x, weight, targets, lse, row_scale):
+def _(x, weight, targets, lse, row_scale, z_loss):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(weight)
 
 
 def _setup(ctx, inputs, output):
-    x, weight, targets, ignore_index = inputs
+    x, weight, targets, ignore_index, z_loss = inputs
     ctx.save_for_backward(x, weight, targets, output[1])
-    ctx.ignore_index = ignore_index
+    ctx.ignore_index, ctx.z_loss = ignore_index, z_loss
 
 
 def _backward(ctx, dlosses, dlse):
     x, weight, targets, lse = ctx.saved_tensors
     # An ignored row's loss is the constant 0: whatever gradient reaches it, its logits get none.
     row_scale = torch.where(targets != ctx.ignore_index, dlosses.float(), 0.0)
-    dx, dw = _lce_backward_op(x, weight, targets, lse, row_scale)
-    return dx, dw, None, None
+    dx, dw = _lce_backward_op(x, weight, targets, lse, row_scale, ctx.z_loss)
+    return dx, dw, None, None, None
 
 
 torch.library.register_autograd("tritongpt::linear_cross_entropy", _backward, setup_context=_setup)
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
-                         reduction: str = "mean") -> torch.Tensor:
+                         reduction: str = "mean", z_loss: float = 0.0) -> torch.Tensor:
     """Cross-entropy of the logits x @ weight.T (never materialized) against targets: x (N, D), weight (V, D),
     targets (N,) int64 -> the fp32 loss, (N,) for reduction "none". "mean" is over the non-ignored targets and
-    is 0 (zero gradients) when all are ignored. Same contract as kernels.reference.linear_cross_entropy.
+    is 0 (zero gradients) when all are ignored; z_loss adds z_loss * lse^2 per non-ignored row. Same contract
+    as kernels.reference.linear_cross_entropy.
     Under autocast x is cast to the autocast dtype and the matmuls run in it; the weight's tiles are cast
     inside the kernels (no low-precision copy of it), and its gradient comes back in its own dtype."""
     if reduction not in LOSS_REDUCTIONS:
@@ -282,7 +291,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         x = x.to(torch.get_autocast_dtype(device_type))
-    losses, _ = torch.ops.tritongpt.linear_cross_entropy(x, weight, targets, int(ignore_index))
+    losses, _ = torch.ops.tritongpt.linear_cross_entropy(x, weight, targets, int(ignore_index), float(z_loss))
     if reduction == "none":
         return losses
     total = losses.sum()
@@ -310,12 +319,12 @@ def compile_specs(quick: bool = False) -> list[CompileSpec]:
                   "DOT_PRECISION": _dot_precision(x_dt)}
         fwd_ptrs = {"x_ptr": x, "w_ptr": w, "t_ptr": "i64", "lse_ptr": "fp32", "loss_ptr": "fp32"}
         specs.append(CompileSpec("_lce_fwd_kernel", _lce_fwd_kernel,
-                                 signature(_lce_fwd_kernel, fwd_ptrs, (), common), common, NUM_WARPS, NUM_STAGES,
-                                 label, expects_mma=True))
+                                 signature(_lce_fwd_kernel, fwd_ptrs, ("z_loss",), common), common, NUM_WARPS,
+                                 NUM_STAGES, label, expects_mma=True))
         bwd = dict(common, BLOCK_D=BLOCK_D)
         for fn, out in ((_lce_bwd_dx_kernel, ("dx_ptr", x)), (_lce_bwd_dw_kernel, ("dw_ptr", w))):
             ptrs = {"x_ptr": x, "w_ptr": w, "t_ptr": "i64", "lse_ptr": "fp32", "scale_ptr": "fp32", out[0]: out[1]}
-            specs.append(CompileSpec(fn.__name__, fn, signature(fn, ptrs, (), bwd), bwd, NUM_WARPS_BWD, NUM_STAGES,
-                                     f"{label} BD={BLOCK_D}", expects_mma=True))
+            specs.append(CompileSpec(fn.__name__, fn, signature(fn, ptrs, ("z_loss",), bwd), bwd, NUM_WARPS_BWD,
+                                     NUM_STAGES, f"{label} BD={BLOCK_D}", expects_mma=True))
     return specs
 

@@ -134,19 +134,22 @@ LOSS_REDUCTIONS = ("mean", "sum", "none")
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
-                         reduction: str = "mean") -> torch.Tensor:
+                         reduction: str = "mean", z_loss: float = 0.0) -> torch.Tensor:
     """Cross-entropy of the logits x @ weight.T against targets. x (N, D), weight (V, D), targets (N,) int64.
 
     `F.cross_entropy(x @ weight.T, targets, ignore_index=ignore_index, reduction=reduction)` except that
     "mean" divides by max(1, non-ignored targets): a batch whose targets are all ignored has loss 0 and
-    zero gradients (F.cross_entropy gives NaN). "none" gives (N,) losses, 0 where ignored. The matmul
-    runs in the input dtype (so a low-precision call shows PyTorch's own rounding); the softmax and the
-    loss in fp32 (float64 stays float64), returned in fp32/fp64.
+    zero gradients (F.cross_entropy gives NaN). "none" gives (N,) losses, 0 where ignored. z_loss: each
+    non-ignored row's loss also gets z_loss * lse^2, lse = logsumexp of its logits (PaLM's z-loss, which
+    keeps the log-normalizer near 0). The matmul runs in the input dtype (so a low-precision call shows
+    PyTorch's own rounding); the softmax and the loss in fp32 (float64 stays float64), returned in fp32/fp64.
     """
     if reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
     logits = (x @ weight.transpose(0, 1)).to(_compute_dtype(x.dtype))  # (N, V)
     losses = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
+    if z_loss:
+        losses = losses + torch.where(targets != ignore_index, z_loss * torch.logsumexp(logits, dim=-1).square(), 0.0)
     if reduction == "none":
         return losses
     total = losses.sum()

@@ -60,6 +60,8 @@ HELP = {
     "kernels": "Triton kernels or PyTorch ops (auto: Triton on CUDA)", "compile": "torch.compile the model",
     "fused_loss": "the output head and the loss as one op that never holds the logits (less memory): on | off | "
                   "auto (on for a vocabulary of 16384+ tokens and 8+ times the width, e.g. --tokenizer gpt2)",
+    "z_loss": "add this times the mean squared log-sum-exp of the logits to the training loss (PaLM's z-loss, "
+              "e.g. 1e-4; the logged train loss includes it, evals do not; 0: off)",
     "parallel": "under torchrun: ddp (replicate, average gradients) | fsdp (shard parameters, gradients, "
                 "optimizer state); auto: ddp when there are several ranks",
     "gradient_checkpointing": "recompute each block in the backward (less memory, ~30%% more compute)",

@@ -58,6 +58,7 @@ class TrainConfig:
     dtype: str = "auto"                # auto | float32 | bfloat16 | float16 (autocast; see gpt/runtime.py)
     kernels: str = "auto"              # auto | triton | torch (gpt/ops.py): a run-time choice, not saved with the model
     fused_loss: str = "auto"           # auto | on | off: the head and the loss as one op (gpt/ops.py); run-time, not saved with the model
+    z_loss: float = 0.0                # adds z_loss * mean(lse^2) of the logits to the train loss (PaLM); 0: off
     compile: bool = False              # torch.compile the model
     parallel: str = "auto"             # under torchrun: ddp | fsdp (auto: ddp when several ranks; train/distributed.py)
     gradient_checkpointing: bool = False  # recompute each block in the backward: less memory, ~30% more compute
@@ -96,6 +97,8 @@ class TrainConfig:
             raise ConfigError(f"unknown kernels {self.kernels!r}; choose one of: {', '.join(KERNEL_MODES)}")
         if self.fused_loss not in FUSED_LOSS_MODES:
             raise ConfigError(f"unknown fused_loss {self.fused_loss!r}; choose one of: {', '.join(FUSED_LOSS_MODES)}")
+        if not 0 <= self.z_loss < float("inf"):
+            raise ConfigError(f"z_loss is a coefficient >= 0 (PaLM used 1e-4), got {self.z_loss}")
         if self.parallel not in PARALLEL_MODES:
             raise ConfigError(f"unknown parallel mode {self.parallel!r}; choose one of: {', '.join(PARALLEL_MODES)}")
         if self.batching not in BATCHING_MODES:

