@@ -109,11 +109,9 @@ class EventStream(Response):
             await self.events.aclose()
 
 
-def create_app(service: Service, limits: Limits, encode, tokenizer, max_body_bytes: int = 1 << 20,
-               on_startup=None) -> Starlette:
-    """The application around a Service (which owns the engine). encode(text) -> token ids: how prompt
-    strings are tokenized. on_startup: called on the event loop once the server runs (after the engine
-    started)."""
+def create_app(service: Service, limits: Limits, encode, tokenizer, max_body_bytes: int = 1 << 20) -> Starlette:
+    """The application around a Service (which owns the engine; its lifespan starts and stops the engine).
+    encode(text) -> token ids: how prompt strings are tokenized."""
     pages = {path: (web_file(name), media) for path, (name, media) in WEB_FILES.items()}
 
     async def completions(request: Request) -> Response:
@@ -173,8 +171,6 @@ def create_app(service: Service, limits: Limits, encode, tokenizer, max_body_byt
     @contextlib.asynccontextmanager
     async def lifespan(app):
         service.start()
-        if on_startup is not None:
-            on_startup()
         try:
             yield
         finally:
