@@ -21,8 +21,8 @@ REQUIRED = os.environ.get("TRITONGPT_REQUIRE_BROWSER") == "1"
 STEP = 0.03          # seconds added to every model step: the text streams in over a second or two
 
 
-def _missing(what: str):
-    message = f"the web page's browser test needs {what}: {INSTALL} (and pip install selenium)"
+def _missing(what: str, install: str = INSTALL):
+    message = f"the web page's browser test needs {what}: {install}"
     if REQUIRED:
         pytest.fail(message + "; TRITONGPT_REQUIRE_BROWSER=1 makes this a failure")
     pytest.skip(message)
@@ -33,7 +33,7 @@ def browser():
     try:
         from selenium import webdriver
     except ImportError:
-        _missing("the selenium package")
+        _missing("the selenium package", "pip install selenium (and " + INSTALL + ")")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if chromium is None or driver is None:
