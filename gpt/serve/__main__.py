@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ import torch
 from ..checkpoint import load_model
 from ..cli import UNDERSCORE_NOTE, command_line_main
 from ..errors import USER_ERRORS, ConfigError
+from ..generation import prefill_bucket
+from ..generation.engine import Engine, RequestParams
 from ..hf import load_hf
 from ..ops import KERNEL_MODES
 from ..optional import import_optional
@@ -65,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", default="none", choices=("none", "int8"),
                    help="int8: weight-only int8 linear layers with per-channel scales (gpt/quantize.py)")
     p.add_argument("--compile", dest="compile", action="store_true", default=False,
-                   help="compile the engine's decode step (faster per token; compiles at start, up to a minute or "
-                        "two on a small CPU, before the server listens)")
+                   help="compile the engine's decode step and prefill (faster per token; compiled at start, up to a "
+                        "minute or two on a small CPU, while requests wait)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="decode eagerly (the default: the server answers at once)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
@@ -112,6 +115,26 @@ def load(args):
     return model, tokenizer, dtype, line
 
 
+# The sampling steps the warm-up switches on: those of OpenAI's fields (temperature, top_p, the two penalties).
+# The compiled step is specialized on the steps any request so far used and compiles again when a request
+# switches on a new one (top_k, min_p, repetition_penalty: once each; gpt/generation/engine.py).
+WARM_SAMPLING = dict(temperature=1.0, top_p=0.9, frequency_penalty=0.1, presence_penalty=0.1)
+
+
+def warm_up(engine: Engine, start_ids: list[int], max_prompt_tokens: int, block_size: int) -> None:
+    """Run the engine until what requests will need is compiled: the decode step with WARM_SAMPLING's steps,
+    and prefill at every prompt-length bucket up to max_prompt_tokens and the re-prefill past block_size
+    (a first request of a new bucket would otherwise stop every slot while it compiles)."""
+    top = prefill_bucket(max(min(max_prompt_tokens, block_size), block_size // 2), block_size)
+    lengths = [prefill_bucket(1, block_size)]
+    while lengths[-1] < top:
+        lengths.append(prefill_bucket(lengths[-1] + 1, block_size))
+    params = RequestParams(max_tokens=2, **WARM_SAMPLING)
+    requests = [engine.submit((start_ids * n)[:n], params) for n in lengths]
+    while any(r.finish_reason is None for r in requests):
+        engine.step()
+
+
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -147,7 +170,6 @@ def serve(args) -> int:
 def _serve(args, sock) -> int:
     import uvicorn
 
-    from ..generation.engine import Engine, RequestParams
     from .app import create_app
     from .protocol import Limits
     from .server import Server
@@ -163,14 +185,16 @@ def _serve(args, sock) -> int:
     say(line + f", {n} thread{'s' if n != 1 else ''}")
     engine = Engine(model, tokenizer, slots=args.slots, dtype=dtype, compile=args.compile, eot_id=tokenizer.eot_id)
     encode = functools.partial(encode_prompt, tokenizer)
+    max_prompt = args.max_prompt_tokens or model.config.block_size
     if args.compile:
-        say(f"compiling the decode step for {args.slots} slots (once; --no-compile to skip)")
-        warm = engine.submit(encode(""), RequestParams(max_tokens=2, temperature=0.0))
-        while warm.finish_reason is None:
-            engine.step()
+        t0 = time.perf_counter()
+        say(f"compiling the engine for {args.slots} slots; requests wait until it is done (once; --no-compile to "
+            f"skip)")
+        warm_up(engine, encode(""), max_prompt, model.config.block_size)
+        say(f"compiled in {time.perf_counter() - t0:.0f} s")
     name = args.served_model_name or args.ckpt
-    limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens or model.config.block_size,
-                    vocab_size=tokenizer.vocab_size, model_names=(name,))
+    limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=max_prompt, vocab_size=tokenizer.vocab_size,
+                    model_names=(name,))
     service = Service(engine, name, max_queued=args.max_queued)
     app = create_app(service, limits, encode, tokenizer, max_body_bytes=args.max_body_bytes)
     config = uvicorn.Config(app, log_level="info" if args.access_log else "warning", access_log=args.access_log,

@@ -431,6 +431,20 @@ def test_cli_errors_are_one_line(tmp_path, text_ckpt, capsys):
         assert "cannot listen on 127.0.0.1" in error("--ckpt", text_ckpt, "--port", str(busy.getsockname()[1]))
 
 
+def test_the_compile_warm_up_prefills_every_bucket_and_samples_with_openais_steps():
+    from gpt.generation.engine import Engine
+    from gpt.serve.__main__ import WARM_SAMPLING, warm_up
+    engine = Engine(successor_gpt(block_size=64), SUCCESSOR_TOKENIZER, slots=2)
+    submitted = []
+    submit = engine.submit
+    engine.submit = lambda ids, params: submitted.append((len(ids), params)) or submit(ids, params)
+    warm_up(engine, [2], max_prompt_tokens=40, block_size=64)
+    assert [n for n, _ in submitted] == [16, 32, 64]      # the buckets up to 40 tokens, and block/2's re-prefill
+    assert all(p.temperature == WARM_SAMPLING["temperature"] and p.top_p and p.frequency_penalty
+               for _, p in submitted)
+    assert engine.busy() == 0 and engine.waiting() == 0
+
+
 def test_without_starlette_the_server_says_what_to_install(tmp_path, text_ckpt):
     from tests.test_optional_packages import finish, start_without
     r = finish(start_without(["starlette"], "-m", "gpt.serve", "--ckpt", text_ckpt, cwd=tmp_path))
