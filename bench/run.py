@@ -1,4 +1,5 @@
-"""One benchmark runner: kernels, training throughput/MFU, decoding, static GPU estimates, data-parallel scaling, data.
+"""One benchmark runner: kernels, training throughput/MFU, decoding, static GPU estimates, data-parallel scaling, data,
+the fused loss.
 
     python bench/run.py                      # quick suite: all five suites, small sweeps (2-6 min on 2 CPU cores)
     python bench/run.py --full               # the complete sweeps (minutes on a GPU, long on a CPU)
@@ -6,6 +7,7 @@
     python bench/run.py --suite dist         # data-parallel scaling: CPU ranks (measured), H100 clusters (estimated)
     python bench/run.py --suite data --full  # data preparation at 1 and 4 GiB per format, the loader (~25 min on 2 cores)
     python bench/run.py --suite serve        # gpt.serve under load: 1, 4 and 16 clients (not in all)
+    python bench/run.py --suite loss --full  # the head + loss fused and unfused, alone and in a training step
 
 Prints aligned tables, writes DIR/results.json (machine, versions, git commit, command, every
 measurement, each marked "measured" or "estimated") and PNG plots, and ends with one JSON line.
@@ -28,7 +30,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from bench import data_suite, decode_suite, dist_suite, kernel_suite, plots, static_suite, train_suite  # noqa: E402
+from bench import (data_suite, decode_suite, dist_suite, kernel_suite, loss_suite, plots, static_suite,  # noqa: E402
+                   train_suite)
 from bench import serve_suite  # noqa: E402
 from bench.common import RunContext, log, progress  # noqa: E402
 from bench.timing import measure_copy_bandwidth  # noqa: E402
@@ -39,7 +42,7 @@ from gpt.errors import USER_ERRORS  # noqa: E402
 from gpt.runtime import (DTYPES, cpu_has_native_bf16, dtype_name, measure_matmul_flops, peak_flops,  # noqa: E402
                          resolve_device)
 
-SUITES = ("kernels", "train", "decode", "static", "dist", "data")
+SUITES = ("kernels", "train", "decode", "static", "dist", "data", "loss")
 EXPLICIT_SUITES = ("serve",)   # run only when --suite names them: they start servers, not part of "all"
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = 1
@@ -49,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.split("\n\n")[0], epilog=UNDERSCORE_NOTE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="all",
-                   help="comma-separated: kernels, train, decode, static, dist, data, or all (default: all); "
+                   help="comma-separated: kernels, train, decode, static, dist, data, loss, or all (default: all); "
                         "serve (python -m gpt.serve under load) runs only when named")
     level = p.add_mutually_exclusive_group()
     level.add_argument("--quick", action="store_true",
@@ -63,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default=None,
                    help="comma-separated kernel sweep sizes: rows for row-wise ops, sequence length for attention")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="kernels suite input dtype")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="kernels suite input dtype (default: bfloat16); loss suite autocast dtype (default: what "
+                        "training's --dtype auto picks here: bf16 on CUDA and on CPUs with native bf16, else float32)")
     p.add_argument("--kernels", default=None, choices=ops.KERNEL_MODES,
                    help="time only this implementation in the train and decode suites and as the kernels suite's "
                         "`triton` provider (default: every one that runs here: torch, and triton on CUDA)")
@@ -71,14 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers and training modes")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="train suite: sequences per step (all presets); dist suite: sequences per rank")
-    p.add_argument("--seq-len", type=int, default=None, help="train and dist suites: tokens per sequence (all presets)")
+                   help="train and loss suites: sequences per step (all presets); dist suite: sequences per rank")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="train, dist and loss suites: tokens per sequence (all presets)")
+    p.add_argument("--loss-shape", default=None,
+                   help="loss suite: ROWS,WIDTH,VOCAB of the head + loss measured alone (default: 256,768,50257 "
+                        "quick, 16384,768,50257 full); VOCAB is also the training step's vocabulary")
     p.add_argument("--new-tokens", type=int, default=None,
                    help="decode suite: tokens to generate (32 quick, 256 full); serve suite: max_tokens of each "
                         "request (64 quick, 128 full)")
     p.add_argument("--contexts", default=None, help="decode suite: comma-separated context lengths to sweep")
     p.add_argument("--data-mb", default=None,
                    help="data suite: comma-separated corpus sizes in MB of text (default: 64 quick, 1024,4096 full)")
+    p.add_argument("--data-baseline", action="store_true",
+                   help="data suite: also prepare the first jsonl corpus by nanoGPT's method (datasets.map, "
+                        "num_proc 2; bench/nanogpt_prepare.py) for comparison (on with --full)")
     p.add_argument("--data-formats", default=None,
                    help=f"data suite: comma-separated corpus formats from {', '.join(data_suite.FORMATS)} "
                         f"(default: jsonl quick, all full)")
@@ -86,9 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static suite: summarize this kernels.report JSON instead of compiling again")
     return p
 
-    p.add_argument("--data-baseline", action="store_true",
-                   help="data suite: also prepare the first jsonl corpus by nanoGPT's method (datasets.map, "
-                        "num_proc 2; bench/nanogpt_prepare.py) for comparison (on with --full)")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
@@ -115,6 +124,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--data-mb takes comma-separated whole numbers of MB, got {args.data_mb!r}")
     if any(mb < 1 for mb in args.data_mb or []):
         p.error("--data-mb sizes must be at least 1 MB")
+    try:
+        args.loss_shape = _ints(args.loss_shape)
+    except ValueError:
+        args.loss_shape = []
+    if args.loss_shape is not None and (len(args.loss_shape) != 3 or min(args.loss_shape) < 1):
+        p.error("--loss-shape takes three whole numbers ROWS,WIDTH,VOCAB, each at least 1")
     args.quick = not args.full
     return args
 
@@ -216,6 +231,7 @@ def summary(results: dict, out_dir: Path, seconds: float, ctx: RunContext, devic
     if comp:
         s["static_compiled"] = f"{sum(r['compiled'] for r in comp)}/{sum(r['configs'] for r in comp)}"
         s["static_problems"] = sum(r["problems"] for r in comp)
+    s.update(loss_suite.summary(results.get("loss", [])))
     srv = [r for r in results.get("serve", []) if r.get("test") == "serve"]
     if srv:
         s["serve_tokens_per_s"] = {f"{r['preset']} {r['mode']} {r['clients']} clients": round(r["tokens_per_s"], 1)
@@ -246,7 +262,7 @@ def main(argv: list[str]) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.out or REPO / "bench" / "results" / f"{stamp}-{device.type}-{'quick' if args.quick else 'full'}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(device=device, quick=args.quick, dtype=DTYPES[args.dtype], kernels=kernels, sizes=_ints(args.sizes),
+    ctx = RunContext(device=device, quick=args.quick, dtype=DTYPES[args.dtype or "bfloat16"], kernels=kernels, sizes=_ints(args.sizes),
                      presets=args.presets,
                      compile=not args.no_compile, batch_size=args.batch_size, seq_len=args.seq_len,
                      new_tokens=args.new_tokens, contexts=_ints(args.contexts))
@@ -257,13 +273,13 @@ def main(argv: list[str]) -> int:
            "argv": sys.argv[1:] if argv is None else list(argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "settings": {"suites": args.suites, "mode": "quick" if args.quick else "full", "device": str(device),
                         "kernels": kernels,
-                        "kernels_dtype": args.dtype, "sizes": ctx.sizes, "presets": ctx.presets,
+                        "kernels_dtype": dtype_name(ctx.dtype), "sizes": ctx.sizes, "presets": ctx.presets,
                         "compile": ctx.compile, "threads": torch.get_num_threads()},
            "machine": machine_info(device), "calibration": {}, "results": {}, "plots": [], "notes": ctx.notes}
     log(f"bench: {device_name} | torch {torch.__version__} | triton {doc['machine']['triton']} | "
         f"{torch.get_num_threads()} threads | suites {','.join(args.suites)} | "
         f"{'quick' if args.quick else 'full'} | out {out_dir}")
-    if ctx.compile and any(s in args.suites for s in ("kernels", "train", "decode")):
+    if ctx.compile and any(s in args.suites for s in ("kernels", "train", "decode", "loss")):
         progress("note: the torch.compile providers and the compiled decoders compile on first use, up to a minute "
                  "or two each on a 2-core CPU with an empty compile cache (inductor keeps them on disk for later "
                  "runs); --no-compile leaves them out")
@@ -291,6 +307,7 @@ def main(argv: list[str]) -> int:
         "data": (lambda: data_suite.run(ctx, args.data_mb, args.data_formats, args.data_baseline or args.full),
                  data_suite.print_tables,
                  lambda r: []),
+        "loss": (lambda: loss_suite.run(ctx, args.loss_shape, args.dtype), loss_suite.print_tables, lambda r: []),
         "serve": (lambda: serve_suite.run(ctx), serve_suite.print_tables, lambda r: []),
     }
     for name in args.suites:

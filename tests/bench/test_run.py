@@ -38,7 +38,7 @@ def quick_run(tmp_path_factory):
     cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--suite", "all", "--device", "cpu",
            "--preset", "tiny", "--sizes", "64", "--no-compile", "--batch-size", "2", "--seq-len", "32",
            "--new-tokens", "4", "--contexts", "16", "--threads", "1", "--report-json", str(report), "--data-mb", "1",
-           "--out", str(out)]
+           "--loss-shape", "64,16,512", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -56,7 +56,7 @@ def test_results_json_has_machine_command_and_every_suite(quick_run):
     assert m["torch"] == torch.__version__
     assert "bench/run.py" in doc["command"] and "--quick" in doc["argv"]
     assert doc["calibration"]["kind"] == "measured" and doc["calibration"]["copy_gbps"] > 0
-    assert set(doc["results"]) == {"kernels", "train", "decode", "static", "dist", "data"}
+    assert set(doc["results"]) == {"kernels", "train", "decode", "static", "dist", "data", "loss"}
     for suite, records in doc["results"].items():
         assert records, suite
         for r in records:  # every number says where it comes from
@@ -106,7 +106,8 @@ def test_stdout_tables_plots_and_final_json_line(quick_run):
     assert "Triton kernel numbers need a CUDA GPU" in stdout
     for title in ("kernels (MEASURED", "train: full step", "decode: greedy generation", "ESTIMATED best-case roofline",
                   "dist: data-parallel training step on CPU ranks", "dist: ESTIMATED data-parallel scaling",
-                  "data preparation: python -m train.prepare", "loader: batches of 8 rows"):
+                  "data preparation: python -m train.prepare", "loader: batches of 8 rows",
+                  "loss: head + cross-entropy fwd+bwd alone", "loss: full training step of tiny"):
         assert title in stdout, title
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary == doc["summary"]
