@@ -118,6 +118,15 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048
     return 2 * n ** 3 / best
 
 
+def _calibration_sizes(device: torch.device, dtype: torch.dtype, budget_s: float = 1.0) -> tuple[int, ...]:
+    """The two largest of 256..2048 whose matmul takes at most `budget_s` at the rate a small one shows:
+    (1024, 2048) on a CPU with native support for the dtype; smaller where it is emulated (bf16 on a CPU
+    without AVX-512 BF16 or AMX runs ~100x slower than fp32, and a 2048 matmul would take ~20 s each)."""
+    rate = measure_matmul_flops(device, dtype, 256, reps=2)
+    fit = [n for n in (256, 512, 1024, 2048) if 2 * n ** 3 / rate <= budget_s]
+    return tuple(fit[-2:]) or (256,)
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """(peak FLOP/s, where the number comes from) for MFU: the datasheet table on known GPUs, else a
     matmul measured once per process in the training dtype."""
@@ -130,5 +139,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     cache_key = (device.type, dtype)
     if cache_key not in _MEASURED_PEAK:
         # Best of two sizes and many repeats: a busy moment must not lower the peak (and inflate MFU).
-        _MEASURED_PEAK[cache_key] = max(measure_matmul_flops(device, dtype, n, reps=8) for n in (1024, 2048))
+        _MEASURED_PEAK[cache_key] = max(measure_matmul_flops(device, dtype, n, reps=8)
+                                        for n in _calibration_sizes(device, dtype))
     return _MEASURED_PEAK[cache_key], f"measured {dtype_name(dtype)} matmul on {device.type}"
