@@ -37,7 +37,8 @@ def _blocks() -> tuple[int, int, int, int]:
 
 
 def _upcast(dtype: torch.dtype) -> bool:
-    # The interpreter computes tl.dot on bf16 operands as garbage (DESIGN.md): there the tiles go to fp32.
+    # Triton's interpreter (TRITON_INTERPRET=1) returns wrong results for tl.dot on bf16 operands, so there the
+    # tiles are cast to fp32 first; compiled for a GPU the dot runs in bf16 on the tensor cores.
     return interpreting() and dtype == torch.bfloat16
 
 
