@@ -45,28 +45,92 @@ CPU_MATMUL_ATTENTION_MAX_T = 512
 _QUERY_BLOCK = 128
 
 
+def _attention_blocks(q, block: int):
+    """The query blocks of causal_matmul_attention: (start, end, future), future (n, n) True where a key of
+    the block's own diagonal tile comes after the query (keys before `start` are seen by every row)."""
+    T = q.shape[2]
+    pos = torch.arange(T, device=q.device)
+    return [(s, min(s + block, T), pos[None, s:s + block] > pos[s:s + block, None]) for s in range(0, T, block)]
+
+
+def _block_rows(x, start: int, end: int, hkv: int):
+    """x (B, H, T, D) -> its query rows start:end as (B, Hkv, g * (end - start), D), the g query heads of a
+    K/V head stacked (a copy where the layout needs one)."""
+    B, H, _, D = x.shape
+    return x.reshape(B, hkv, H // hkv, x.shape[2], D)[:, :, :, start:end].reshape(B, hkv, -1, D)
+
+
+def _masked_scores(qb, kb, start: int, future, scale: float, g: int):
+    """fp32 scores (B, Hkv, g * n, end) of the query block qb (its n rows from `start`) against the keys kb
+    up to its end, the keys after each query at -inf. The scale goes on q (n x D), not on the scores."""
+    B, hkv, r, end = qb.shape[0], qb.shape[1], qb.shape[2], kb.shape[2]
+    s = ((qb * scale) @ kb.transpose(-1, -2)).float().view(B, hkv, g, r // g, end)
+    s[..., start:].masked_fill_(future, float("-inf"))
+    return s.view(B, hkv, r, end)
+
+
+class _CausalMatmulAttention(torch.autograd.Function):
+    """causal_matmul_attention with FlashAttention's memory: the forward keeps q, k, v, the output and one
+    fp32 log-sum-exp per query row; the backward makes each block's probabilities again from them (one
+    more q k^T per block) instead of keeping every (rows, keys) softmax, which held about 40% of the
+    saved activations of the `small` preset's training step at T = 512."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, block: int):
+        B, H, T, D = q.shape
+        hkv = k.shape[1]
+        g = H // hkv
+        # Stored (B, T, H, D): the model's (B, T, H * D) view of it for the output projection is then free,
+        # and that projection keeps the same memory for its backward that this op keeps for its own.
+        out_bthd = torch.empty((B, T, H, D), dtype=v.dtype, device=q.device)
+        out = out_bthd.permute(0, 2, 1, 3).view(B, hkv, g, T, D)
+        lse = torch.empty((B, hkv, g, T), dtype=torch.float32, device=q.device)
+        for start, end, future in _attention_blocks(q, block):
+            s = _masked_scores(_block_rows(q, start, end, hkv), k[:, :, :end], start, future, scale, g)
+            lse[:, :, :, start:end] = torch.logsumexp(s, dim=-1).view(B, hkv, g, end - start)
+            p = torch.softmax(s, dim=-1).to(v.dtype)
+            out[:, :, :, start:end] = (p @ v[:, :, :end]).view(B, hkv, g, end - start, D)
+        out = out.view(B, H, T, D)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.block = scale, block
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, (B, H, T, D), hkv = ctx.scale, q.shape, k.shape[1]
+        g, mm = H // hkv, q.dtype
+        dout = dout.to(out.dtype)
+        delta = (dout.float() * out.float()).sum(-1).view(B, hkv, g, T)     # rowsum(dO * O)
+        dq = torch.empty((B, hkv, g, T, D), dtype=q.dtype, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+        for start, end, future in _attention_blocks(q, ctx.block):
+            qb, kb, vb = _block_rows(q, start, end, hkv), k[:, :, :end], v[:, :, :end]
+            dob = _block_rows(dout, start, end, hkv)
+            rows = lse[:, :, :, start:end].reshape(B, hkv, -1, 1)
+            p = _masked_scores(qb, kb, start, future, scale, g).sub_(rows).exp_()   # (B, Hkv, g*n, end) fp32
+            dv[:, :, :end] += (p.to(mm).transpose(-1, -2) @ dob).float()
+            dp = (dob @ vb.transpose(-1, -2)).float()
+            ds = p.mul_(dp.sub_(delta[:, :, :, start:end].reshape(B, hkv, -1, 1))).to(mm)   # dS / scale
+            dq[:, :, :, start:end] = ((ds @ kb) * scale).view(B, hkv, g, end - start, D)
+            dk[:, :, :end] += (ds.transpose(-1, -2) @ qb).float().mul_(scale)
+        return dq.view(B, H, T, D), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
 def causal_matmul_attention(q, k, v, scale: float | None = None, block: int = _QUERY_BLOCK):
     """Causal self-attention (Tq == Tk) as explicit matmuls and an fp32 softmax, the query rows taken
     in blocks of `block` that each read only the keys up to their own last row: about (n+1)/2n of
     the full T x T product for n blocks, where SDPA's CPU kernel does the masked half at low speed.
-    GQA: the query heads of a group ride along as extra rows of their K/V head."""
-    B, H, T, D = q.shape
-    Hkv = k.shape[1]
-    g = H // Hkv
-    scale = D ** -0.5 if scale is None else scale
-    qg = q.reshape(B, Hkv, g, T, D)  # a view, also of the model's (B, T, H, D) transposed layout
-    rows = torch.arange(T, device=q.device)
-    out = []
-    for start in range(0, T, block):
-        end = min(start + block, T)
-        qb = qg[:, :, :, start:end].reshape(B, Hkv, g * (end - start), D)
-        kb, vb = k[:, :, :end], v[:, :, :end]
-        scores = (qb @ kb.transpose(-1, -2)).float() * scale       # (B, Hkv, g * rows, end)
-        future = rows[None, :end] > rows[start:end, None]              # (rows, end): keys after the query
-        scores = scores.view(B, Hkv, g, end - start, end).masked_fill(future, float("-inf"))
-        p = torch.softmax(scores, dim=-1).to(v.dtype).view(B, Hkv, g * (end - start), end)
-        out.append((p @ vb).view(B, Hkv, g, end - start, D))
-    return torch.cat(out, dim=3).view(B, H, T, D)
+    GQA: the query heads of a group ride along as extra rows of their K/V head. Autograd keeps O(T)
+    per head (_CausalMatmulAttention). The matmuls run in q's dtype, or autocast's where it is on."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if torch.is_autocast_enabled(q.device.type):
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    # v is often a view into the fused q|k|v projection's output: a copy of it lets that buffer go.
+    with torch.autocast(q.device.type, enabled=False):
+        return _CausalMatmulAttention.apply(q, k, v.contiguous(), float(scale), block)
 
 
 def sdpa_attention(q, k, v, causal: bool = True, scale: float | None = None):
@@ -135,7 +199,30 @@ def torch_swiglu(gate, up):
     return F.silu(gate) * up
 
 
+class _SwiGLUPacked(torch.autograd.Function):
+    """swiglu_packed keeping only its input for the backward, which makes sigmoid(gate) again: autograd
+    of silu(gate) * up would also keep silu(gate), a third more of the MLP's saved activations."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        return torch_swiglu(*gate_up.chunk(2, dim=-1))
+
+    @staticmethod
+    def backward(ctx, dy):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.float().chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        dy = dy.float()
+        d_gate = dy * up * sig * (1.0 + gate * (1.0 - sig))
+        return torch.cat((d_gate, dy * silu), dim=-1).to(gate_up.dtype)
+
+
 def torch_swiglu_packed(gate_up):
+    """kernels.swiglu_packed semantics: silu(gate) * up of [gate | up] in the input dtype."""
+    if torch.is_grad_enabled() and gate_up.requires_grad:
+        return _SwiGLUPacked.apply(gate_up)
     return torch_swiglu(*gate_up.chunk(2, dim=-1))
 
 

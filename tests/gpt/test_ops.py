@@ -90,6 +90,51 @@ def test_causal_matmul_attention_matches_reference(dtype, hq, hkv, t, block):
     assert all(torch.equal(a, b) for a, b in zip((q, k, v), originals))
 
 
+def _saved_bytes(fn, *args):
+    """Bytes of the distinct storages autograd keeps for the backward of fn(*args)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(storages.values())
+
+
+def test_causal_matmul_attention_keeps_linear_memory_for_the_backward():
+    """What the backward keeps: q, k, a contiguous copy of v (not the fused projection it is a view of), the
+    output and an fp32 log-sum-exp per query row; no (T, T) probabilities, which at T = 256 would be 16x
+    q's size per head."""
+    B, T, hq, hkv, D = 2, 256, 4, 2, 16
+    qkv = torch.randn(B, T, (hq + 2 * hkv) * D, requires_grad=True)
+    q, k, v = (x.view(B, T, -1, D).transpose(1, 2) for x in qkv.split([hq * D, hkv * D, hkv * D], dim=-1))
+    q, k = q * 1.0, k * 1.0   # as in the model: q and k are RoPE's new tensors, v a view of the projection
+    saved = _saved_bytes(lambda *a: ops.causal_matmul_attention(*a, block=64), q, k, v)
+    elem = torch.finfo(torch.float32).bits // 8
+    want = elem * B * T * D * (hq + hkv + hkv + hq) + 4 * B * hq * T
+    assert saved == want, (saved, want)
+
+
+def test_the_packed_swiglu_keeps_only_its_input_and_gets_the_gradient_right():
+    gu = torch.randn(4, 7, 96, dtype=torch.float64, requires_grad=True)
+    assert _saved_bytes(ops.torch_swiglu_packed, gu) == gu.numel() * 8
+    torch.autograd.gradcheck(ops.torch_swiglu_packed, (gu[:1, :3].detach().requires_grad_(),))
+    for dtype in DTYPES:
+        x = gu.detach().to(dtype).requires_grad_()
+        dy = torch.randn(4, 7, 48)
+        got = ops.torch_swiglu_packed(x)
+        got.backward(dy.to(dtype))
+        x64 = gu.detach().requires_grad_()
+        reference.swiglu_packed(x64).backward(dy.double())
+        xs = gu.detach().to(dtype).requires_grad_()
+        same = reference.swiglu_packed(xs)
+        same.backward(dy.to(dtype))
+        assert got.dtype == dtype and x.grad.dtype == dtype
+        assert_close_to_reference("swiglu_packed", got, reference.swiglu_packed(gu.detach()), same, FWD_FACTOR)
+        assert_close_to_reference("d gate_up", x.grad, x64.grad, xs.grad, GRAD_FACTOR)
+
+
 def test_sdpa_attention_takes_blocked_matmuls_for_short_causal_cpu_attention(monkeypatch):
     calls = []
     real = ops.causal_matmul_attention
