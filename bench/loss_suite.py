@@ -3,7 +3,7 @@
 Head + loss alone: forward + backward of the cross-entropy of x @ W^T at the GPT-2 vocabulary (50,257),
 width 768 and N rows (16,384 with --full, 256 quick; --loss-shape ROWS,WIDTH,VOCAB), x (N, D) and W (V, D)
 fp32 with their gradients, under autocast in --dtype, by default the dtype training's --dtype auto picks
-(bf16 on CUDA and on CPUs with native bf16, as the issue measured; float32 on other CPUs, where bf16 is
+(bf16 on CUDA and on CPUs with native bf16; float32 on other CPUs, where bf16 is
 emulated and its large-K matmuls crawl):
   fused      gpt.ops' linear_cross_entropy per --kernels: the Triton kernel on CUDA, the chunked
              PyTorch path elsewhere (and on CUDA with --kernels torch)
@@ -54,14 +54,14 @@ from .common import RunContext, format_table, log, progress
 from .timing import sync, wall_times
 
 REPO = Path(__file__).resolve().parent.parent
-VOCAB, WIDTH = 50257, 768                   # the GPT-2 vocabulary; GPT-2 small's width (issue 24)
+VOCAB, WIDTH = 50257, 768                   # the GPT-2 vocabulary; GPT-2 small's width
 HEAD_ROWS = {"quick": 256, "full": 16384}
 TRAIN_PRESET = "small"
 FULL_SHAPES = ((32, 512), (16, 512))        # (batch, seq) of the training step, the first that fits
 QUICK_SHAPE, QUICK_CPU_SHAPE = (32, 512), (2, 256)
 PROBE_SHAPES = ((4, 512), (8, 512))         # full, on a CPU: unfused steps that predict the step's memory
 MEMORY_MARGIN = 0.85                        # use at most this share of MemAvailable
-TARGET_MEMORY_RATIO = 0.5                   # issue 24: the fused step's peak at most half the unfused one's
+TARGET_MEMORY_RATIO = 0.5                   # the target: the fused step's peak at most half the unfused one's
 
 
 def has_torch_lce() -> bool:
@@ -453,7 +453,7 @@ def print_tables(records: list[dict], ctx: RunContext) -> None:
                              ("last_loss", "last loss"), ("error", "error"), ("skipped", "skipped")]))
         for r in steps:
             if "memory_target_met" in r:
-                log(f"target (issue 24), kernels={r['kernels']}: fused step peak {r['memory_vs_off']:.2f} x unfused "
+                log(f"target, kernels={r['kernels']}: fused step peak {r['memory_vs_off']:.2f} x unfused "
                     f"(<= {TARGET_MEMORY_RATIO}): {'met' if r['memory_target_met'] else 'NOT met'}; tokens/s "
                     f"{r['tokens_per_s_vs_off']:.2f} x unfused (>= 1): {'met' if r['speed_target_met'] else 'NOT met'}"
                     f" (MEASURED)")

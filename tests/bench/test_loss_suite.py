@@ -74,7 +74,7 @@ def test_tables_notes_and_summary(tiny_run):
     stdout, doc = tiny_run
     assert "loss: head + cross-entropy fwd+bwd alone, 2,048 rows x 8 -> vocab 16,384, float32" in stdout
     assert "loss: full training step of tiny, vocab 16,384" in stdout and "MEASURED" in stdout
-    assert "target (issue 24), kernels=torch: fused step peak" in stdout
+    assert "target, kernels=torch: fused step peak" in stdout
     assert any("--no-compile" in n for n in doc["notes"])
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary == doc["summary"] and summary["records"] == {"loss": len(doc["results"]["loss"])}
