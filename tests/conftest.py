@@ -43,3 +43,25 @@ def pytest_collection_modifyitems(config, items):
             missing = [m for m in mark.args if importlib.util.find_spec(m) is None]
             if missing:
                 item.add_marker(pytest.mark.skip(reason=f"needs the optional package(s) {', '.join(missing)}"))
+
+
+@pytest.fixture
+def step_without_autotune():
+    """The compiled decode step on the CPU as users get it (gpt/generation/compiled.py `_STEP_CONFIG`:
+    inductor's `freezing`, the weights folded into the graph) but without `max_autotune`, which times its C++
+    GEMM templates against the library matmuls: ~40 s more per cold compile of a tiny model on 2 cores, and
+    it changes which matmul runs, not what the step computes. For the tests of the compiled decoder's logic
+    (stale weights, mixed lengths, interactive turns); tests/gpt/test_decode.py's
+    test_compiled_decoding_gives_the_eager_tokens_and_compiles_once, tests/gpt/test_engine.py's compiled
+    engine and tests/gpt/test_sampling.py's compiled session in a subprocess compile with every setting."""
+    from gpt.generation import compiled
+    saved = dict(compiled._STEP_CONFIG)
+    if "cpu" in saved:
+        compiled._STEP_CONFIG["cpu"] = {**saved["cpu"], "max_autotune": False}
+    compiled._step_patch.cache_clear()   # built once per device type: rebuilt with the setting, and after
+    try:
+        yield
+    finally:
+        compiled._STEP_CONFIG.clear()
+        compiled._STEP_CONFIG.update(saved)
+        compiled._step_patch.cache_clear()

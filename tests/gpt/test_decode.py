@@ -209,9 +209,10 @@ def test_bf16_static_decoding_gives_the_eager_bf16_tokens():
     assert torch.equal(got, want)
 
 
-def test_the_compiled_step_never_runs_stale_weights(device):
+def test_the_compiled_step_never_runs_stale_weights(device, step_without_autotune):
     """The CPU step is compiled with the weights frozen into it: another model of the same shapes, and the
-    same model after an in-place update, must still decode with their own current weights."""
+    same model after an in-place update, must still decode with their own current weights. (Frozen as users
+    get it; without max_autotune, which picks the matmuls, not whether the weights are frozen: tests/conftest.py.)"""
     first, second = tiny(block_size=32).to(device), tiny(block_size=32).to(device)
     with torch.no_grad():
         for p in second.parameters():
@@ -267,9 +268,10 @@ def test_a_mixed_batch_on_the_static_decoder_gives_the_eager_decoders_tokens(set
             assert [step[b] for step in outs[1]] == alone
 
 
-def test_a_mixed_batch_compiled_gives_each_prompt_alone(device):
-    """The real compilation (inductor on the CPU, CUDA graphs on a GPU), greedy fp32: a batch of prompts of
-    different lengths through generate_completions(compile=True) equals each prompt decoded alone, eagerly."""
+def test_a_mixed_batch_compiled_gives_each_prompt_alone(device, step_without_autotune):
+    """The real compilation (inductor on the CPU, frozen weights without max_autotune: tests/conftest.py; CUDA
+    graphs on a GPU), greedy fp32: a batch of prompts of different lengths through
+    generate_completions(compile=True) equals each prompt decoded alone, eagerly."""
     torch.manual_seed(1)
     model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32,
                           init_std=0.5)).eval().to(device)
