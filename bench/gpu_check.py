@@ -66,9 +66,10 @@ class Plan:
             self.presets = ["tiny"]
             self.tokens, self.seq = {"tiny": 64}, {"tiny": 64}
             self.attn_seqs, self.attn_dims = [64], [64]
-            self.train_preset, self.train_steps = "tiny", train_steps or 4
-            self.train_model = dict(n_layer=1, n_embd=64, n_head=2, n_kv_head=1, block_size=32)
-            self.train_batch = 4
+            # Two steps of 2 x 16 tokens and one eval batch: the Triton path runs in the interpreter on a CPU.
+            self.train_preset, self.train_steps = "tiny", train_steps or 2
+            self.train_model = dict(n_layer=1, n_embd=64, n_head=2, n_kv_head=1, block_size=16)
+            self.train_batch, self.eval_iters = 2, 1
             self.decode_preset, self.decode_batches, self.decode_tokens = "tiny", (1, 2), 4
             self.decode_model = dict(n_layer=1, n_embd=64, n_head=2, n_kv_head=1)
             self.tests = ["tests/kernels/test_swiglu.py", "-k", "test_packed and float16"]
@@ -78,7 +79,7 @@ class Plan:
             self.tokens = {p: 8 * self.seq[p] for p in self.presets}
             self.attn_seqs, self.attn_dims = [1024, 2048, 4096, 8192], [64, 128]
             self.train_preset, self.train_steps = "small", train_steps or 200
-            self.train_model, self.train_batch = {}, None
+            self.train_model, self.train_batch, self.eval_iters = {}, None, 20
             self.decode_preset, self.decode_batches, self.decode_tokens = "small", (1, 16), 256
             self.decode_model = {}
             self.tests = ["tests/kernels", "tests/gpt"]
@@ -173,7 +174,7 @@ def train_both_paths(plan: Plan, ctx: RunContext, tmp: Path) -> list[dict]:
         out = tmp / f"train-{kernels}"
         cfg = TrainConfig(preset=plan.train_preset, model=dict(plan.train_model), kernels=kernels,
                           device=str(ctx.device), dataset=dataset, data_dir=str(tmp / "data"), out_dir=str(out),
-                          max_iters=plan.train_steps, eval_interval=plan.train_steps, eval_iters=5 if plan.dry_run else 20,
+                          max_iters=plan.train_steps, eval_interval=plan.train_steps, eval_iters=plan.eval_iters,
                           log_interval=1, warmup_iters=min(100, plan.train_steps), progress=False, seed=1337)
         if plan.train_batch:
             cfg.batch_size = plan.train_batch
@@ -260,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N (cpu only with --dry-run)")
     p.add_argument("--out", default=None, help="output directory (default: bench/results/<time>-gpu-check)")
     p.add_argument("--skip", default="", help="comma-separated steps to leave out: tests,kernels,attention,train,decode")
-    p.add_argument("--train-steps", type=int, default=None, help="steps per training run (default 200; dry run 4)")
+    p.add_argument("--train-steps", type=int, default=None, help="steps per training run (default 200; dry run 2)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
     return p
 
