@@ -60,13 +60,19 @@ def test_print_tables_handles_both_record_kinds(capsys):
     assert "data preparation" in out and "loader" in out and "cropped %" in out
 
 
-def test_the_nanogpt_baseline_gives_the_same_tokens_as_train_prepare(tmp_path):
+def test_the_nanogpt_baseline_gives_the_same_tokens_as_train_prepare(quick_run):
     """The baseline tokenizes the same documents into the same number of GPT-2 ids (each document plus
-    its end-of-text token) as `python -m train.prepare`, so the two wall times compare the same work."""
+    its end-of-text token) as `python -m train.prepare`, so the two wall times compare the same work: the
+    records of bench/run.py's quick run with --data-baseline (tests/bench/conftest.py)."""
     pytest.importorskip("tiktoken")
     pytest.importorskip("datasets")
-    corpus, n_docs, _ = data_suite.write_corpus(tmp_path, "jsonl", 1, POOL)
-    base = data_suite.baseline_once(corpus, tmp_path / "nanogpt", 2)
-    ours = data_suite.prepare_once(corpus, tmp_path / "data", 2)
-    assert base["tokens"] == ours["tokens"] > n_docs
+    _, doc, _ = quick_run
+    assert not [n for n in doc["notes"] if n.startswith(("data", "suite data"))], doc["notes"]
+    records = doc["results"]["data"]
+    [base] = [r for r in records if r["test"] == "baseline"]
+    [ours] = [r for r in records if r["test"] == "prepare" and r["workers"] == 2]
+    assert (base["format"], base["input_mb"], base["workers"]) == ("jsonl", 1, 2) == (
+        ours["format"], ours["input_mb"], ours["workers"])
+    assert base["tokens"] == ours["tokens"] > ours["documents"] == base["documents"]
     assert base["cache_mb"] > 0 and base["disk_bytes_per_token"] > ours["disk_bytes_per_token"]
+    assert ours["speedup_vs_nanogpt"] == pytest.approx(ours["tokens_per_s"] / base["tokens_per_s"])

@@ -1,4 +1,5 @@
-"""The `dist` suite: its GPU estimates checked by hand, and one shrunken measured run on 1 and 2 CPU ranks."""
+"""The `dist` suite: its GPU estimates checked by hand, and one shrunken measured run on 1 and 2 CPU ranks (bench/run.py's
+quick run, tests/bench/conftest.py)."""
 import math
 
 import pytest
@@ -6,6 +7,8 @@ import torch
 
 from bench import dist_suite
 from bench.common import RunContext
+
+from .conftest import BATCH, SEQ
 
 P = 1_000_000  # a made-up parameter count
 
@@ -73,19 +76,19 @@ def test_derived_columns_by_hand():
     assert noisy["exposed_comm_share"] == 0.0  # no-sync slower than sync (noise): clamped, not negative
 
 
-def test_measured_run_on_one_and_two_cpu_ranks(monkeypatch):
-    """The real thing, shrunken: torchrun with 1 and 2 gloo ranks, one warmup and two timed steps each."""
-    monkeypatch.setattr(dist_suite, "QUICK_STEPS", (1, 2))
-    ctx = RunContext(device=torch.device("cpu"), quick=True, dtype=torch.bfloat16, kernels=["torch"],
-                     presets=["tiny"], batch_size=2, seq_len=16)
-    rows = dist_suite.measured(ctx)
-    assert not ctx.notes, ctx.notes
+def test_measured_run_on_one_and_two_cpu_ranks(quick_run):
+    """The real thing, shrunken: torchrun with 1 and 2 gloo ranks, as bench/run.py's quick run measures them
+    (tests/bench/conftest.py: --batch-size and --seq-len per rank; test_run.py checks the rest of that run)."""
+    _, doc, _ = quick_run
+    assert not [n for n in doc["notes"] if n.startswith(("dist", "suite dist"))], doc["notes"]
+    rows = [r for r in doc["results"]["dist"] if r["table"] == "measured"]
     by = {(r["world_size"], r["parallel"]): r for r in rows}
-    assert set(by) == {(1, "none"), (2, "ddp"), (2, "fsdp")}
+    assert len(by) == len(rows) and set(by) == {(1, "none"), (2, "ddp"), (2, "fsdp")}
+    steps = dist_suite.QUICK_STEPS[1]
     for (w, mode), r in by.items():
         assert r["kind"] == "measured" and r["table"] == "measured"
-        assert r["threads_per_rank"] == 1 and r["steps_timed"] == 2 and len(r["step_s_all"]) == 2
-        assert r["tokens_per_step"] == w * 2 * 16 and r["tokens_per_s"] > 0
+        assert r["threads_per_rank"] == 1 and r["steps_timed"] == steps and len(r["step_s_all"]) == steps
+        assert r["tokens_per_step"] == w * BATCH * SEQ and r["tokens_per_s"] > 0
         assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_s"])
         assert r["scaling_efficiency"] > 0 and math.isfinite(r["final_loss"])
         assert r["model"] == dist_suite.QUICK_MODEL and r["params"] < 2_000_000

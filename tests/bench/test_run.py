@@ -1,4 +1,6 @@
-"""bench/run.py end to end on CPU (a shrunken quick run), and the FLOP/MFU/roofline formulas by hand."""
+"""bench/run.py end to end on CPU (a shrunken quick run: tests/bench/conftest.py), and the FLOP/MFU/roofline
+formulas by hand."""
+import importlib.util
 import json
 import math
 import os
@@ -16,33 +18,6 @@ from gpt import GPT, GPTConfig
 REPO = Path(__file__).resolve().parents[2]
 PLOTS = ("kernels_gbps.png", "attention_tflops.png", "train_tokens_per_s.png", "decode_tokens_per_s.png",
          "roofline_estimates.png", "dist_scaling.png")
-
-# A kernels.report JSON as the compile report writes it (two rows), so the static suite is tested
-# without minutes of ptxas.
-FAKE_REPORT = {"triton": "x", "targets": [90], "quick": True, "notes": [], "summary": {},
-               "rows": [{"module": "kernels.rms_norm", "kernel": "_rms_norm_fwd_kernel", "config": "a",
-                         "target": "sm_90", "num_warps": 4, "num_stages": 1, "registers": 40, "stack": 0,
-                         "local": 0, "shared": 2048, "tensor_cores": "-", "error": None, "problems": []},
-                        {"module": "kernels.attention", "kernel": "attention_fwd", "config": "b",
-                         "target": "sm_90", "num_warps": 8, "num_stages": 3, "registers": 200, "stack": 8,
-                         "local": 0, "shared": 131072, "tensor_cores": "HGMMA", "error": None,
-                         "problems": ["spills (stack 8 B, local 0 B)"]}]}
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """One shrunken `--quick` run of every suite: (stdout, results.json, output dir)."""
-    out = tmp_path_factory.mktemp("bench")
-    report = out / "fake_report.json"
-    report.write_text(json.dumps(FAKE_REPORT))
-    cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--suite", "all", "--device", "cpu",
-           "--preset", "tiny", "--sizes", "64", "--no-compile", "--batch-size", "2", "--seq-len", "32",
-           "--new-tokens", "4", "--contexts", "16", "--threads", "1", "--report-json", str(report), "--data-mb", "1",
-           "--loss-shape", "64,16,512", "--out", str(out)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, json.loads((out / "results.json").read_text()), out
 
 
 def test_results_json_has_machine_command_and_every_suite(quick_run):
@@ -109,6 +84,8 @@ def test_stdout_tables_plots_and_final_json_line(quick_run):
                   "data preparation: python -m train.prepare", "loader: batches of 8 rows",
                   "loss: head + cross-entropy fwd+bwd alone", "loss: full training step of tiny"):
         assert title in stdout, title
+    if importlib.util.find_spec("datasets"):   # --data-baseline: nanoGPT's method needs the datasets package
+        assert "baseline: nanoGPT's prepare.py method" in stdout
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary == doc["summary"]
     assert summary["results"] == str(out / "results.json")
