@@ -15,9 +15,20 @@ from bench import decode_suite, roofline, static_suite, train_suite
 from bench.common import RunContext
 from gpt import GPT, GPTConfig
 
+from .conftest import SUITES
+
 REPO = Path(__file__).resolve().parents[2]
 PLOTS = ("kernels_gbps.png", "attention_tflops.png", "train_tokens_per_s.png", "decode_tokens_per_s.png",
          "roofline_estimates.png", "dist_scaling.png")
+
+
+def test_suite_all_is_every_suite_but_serve():
+    """The default, `--suite all`, runs each of these (the shared run below names all but loss, which
+    test_loss_suite.py runs through bench/run.py); serve only when named."""
+    from bench.run import SUITES, parse_args
+    assert SUITES == ("kernels", "train", "decode", "static", "dist", "data", "loss")
+    assert parse_args([]).suites == parse_args(["--suite", "all"]).suites == list(SUITES)
+    assert parse_args(["--suite", "serve,loss"]).suites == ["serve", "loss"]
 
 
 def test_results_json_has_machine_command_and_every_suite(quick_run):
@@ -31,7 +42,7 @@ def test_results_json_has_machine_command_and_every_suite(quick_run):
     assert m["torch"] == torch.__version__
     assert "bench/run.py" in doc["command"] and "--quick" in doc["argv"]
     assert doc["calibration"]["kind"] == "measured" and doc["calibration"]["copy_gbps"] > 0
-    assert set(doc["results"]) == {"kernels", "train", "decode", "static", "dist", "data", "loss"}
+    assert set(doc["results"]) == set(SUITES) == {"kernels", "train", "decode", "static", "dist", "data"}
     for suite, records in doc["results"].items():
         assert records, suite
         for r in records:  # every number says where it comes from
@@ -81,8 +92,7 @@ def test_stdout_tables_plots_and_final_json_line(quick_run):
     assert "Triton kernel numbers need a CUDA GPU" in stdout
     for title in ("kernels (MEASURED", "train: full step", "decode: greedy generation", "ESTIMATED best-case roofline",
                   "dist: data-parallel training step on CPU ranks", "dist: ESTIMATED data-parallel scaling",
-                  "data preparation: python -m train.prepare", "loader: batches of 8 rows",
-                  "loss: head + cross-entropy fwd+bwd alone", "loss: full training step of tiny"):
+                  "data preparation: python -m train.prepare", "loader: batches of 8 rows"):
         assert title in stdout, title
     if importlib.util.find_spec("datasets"):   # --data-baseline: nanoGPT's method needs the datasets package
         assert "baseline: nanoGPT's prepare.py method" in stdout
