@@ -78,14 +78,25 @@ def test_a_checkpoint_trained_on_the_triton_kernels_is_scored_and_sampled_on_pyt
     words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler"]
     (tmp_path / "corpus.txt").write_text(" ".join(rng.choice(words, 1500)) + "\n")
     T = 32
+    # Two steps of 2 sequences: every step through the interpreted kernels costs seconds on a CPU.
     cfg = TrainConfig(dataset=str(tmp_path / "corpus.txt"), data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "out"),
-                      model=dict(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, block_size=T), batch_size=4,
-                      max_iters=4, eval_interval=4, eval_iters=1, warmup_iters=1, kernels="triton", device="cpu",
+                      model=dict(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, block_size=T), batch_size=2,
+                      max_iters=2, eval_interval=2, eval_iters=1, warmup_iters=1, kernels="triton", device="cpu",
                       dtype="float32", progress=False)
     assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
     Trainer(cfg).train()
     ckpt = tmp_path / "out" / "ckpt.pt"
     assert "kernels" not in read_checkpoint(ckpt)["model_config"]
+
+    # The evaluator's and the sampler's command lines on a CPU without the interpreter, started now and read
+    # below: they run beside the interpreted scoring here (each is mostly interpreter start-up).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    start = lambda *args: subprocess.Popen([sys.executable, "-m", *args, "--ckpt", str(ckpt), "--kernels", "torch"],
+                                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True)
+    ev, ev8, sample = (start("train.evaluate", "--json", "--dtype", "float32"),
+                       start("train.evaluate", "--json", "--dtype", "float32", "--quantize", "int8"),
+                       start("gpt.sample", "--prompt", "to be", "--max-tokens", "10", "--seed", "0", "--dtype", "float32"))
 
     val = open_data(cfg).val
     losses = {}
@@ -97,12 +108,13 @@ def test_a_checkpoint_trained_on_the_triton_kernels_is_scored_and_sampled_on_pyt
     assert_close_to_reference("per-token loss", losses["triton"], losses["torch64"], losses["torch32"], FWD_FACTOR,
                               torch.float32)
 
-    # The evaluator's CLI on a CPU without the interpreter: exactly the in-process torch figure (the same
-    # computation on one thread: equal to the last bit), whose tokens all passed the rule above.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
-    run = lambda *args: subprocess.run([sys.executable, "-m", *args, "--ckpt", str(ckpt), "--kernels", "torch"],
-                                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    ev = run("train.evaluate", "--json", "--dtype", "float32")
+    def finish(proc):
+        out, err = proc.communicate(timeout=300)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    # The evaluator's CLI: exactly the in-process torch figure (the same computation on one thread: equal to
+    # the last bit), whose tokens all passed the rule above.
+    ev, ev8, sample = finish(ev), finish(ev8), finish(sample)
     assert ev.returncode == 0, ev.stderr
     cli = json.loads(ev.stdout)
     threads = torch.get_num_threads()
@@ -113,7 +125,6 @@ def test_a_checkpoint_trained_on_the_triton_kernels_is_scored_and_sampled_on_pyt
         torch.set_num_threads(threads)
     assert (cli["tokens"], cli["loss"]) == (n, want) and n == len(val) - 1
     # --quantize int8 scores the int8 model (gpt/quantize.py): exactly the in-process figure, not the float one.
-    ev8 = run("train.evaluate", "--json", "--dtype", "float32", "--quantize", "int8")
     assert ev8.returncode == 0, ev8.stderr
     torch.set_num_threads(1)
     try:
@@ -122,6 +133,5 @@ def test_a_checkpoint_trained_on_the_triton_kernels_is_scored_and_sampled_on_pyt
     finally:
         torch.set_num_threads(threads)
     assert json.loads(ev8.stdout)["loss"] == want8 != want
-    sample = run("gpt.sample", "--prompt", "to be", "--max-tokens", "10", "--seed", "0", "--dtype", "float32")
     assert sample.returncode == 0 and sample.stdout.startswith("to be") and "kernels torch -> torch" in sample.stderr, \
         sample.stderr
