@@ -1,5 +1,6 @@
-"""bench/gpu_check.py: its dry run (every step at toy sizes, both kernel paths through Triton's interpreter)
-runs here, so the GPU command cannot rot; without a GPU and without --dry-run it refuses in one line."""
+"""bench/gpu_check.py: its dry run (every step at toy sizes, both kernel paths through Triton's interpreter;
+tests/bench/conftest.py starts it) runs here, so the GPU command cannot rot; without a GPU and without
+--dry-run it refuses in one line."""
 import json
 import os
 import subprocess
@@ -17,14 +18,6 @@ def _run(*args, interpret: bool):
         env["TRITON_INTERPRET"] = "1"
     return subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_check")
-    proc = _run("--dry-run", "--device", "cpu", "--out", str(out), interpret=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, json.loads((out / "results.json").read_text()), out
 
 
 def test_every_step_ran_and_says_it_is_a_dry_run(dry_run):
