@@ -180,20 +180,45 @@ print("ok", sys.argv[1])
 """
 
 
+ANYWHERE = "import importlib, json; print(json.dumps({n: importlib.import_module(n).__file__ for n in %r}))" % LAYERS
+
+
+@pytest.fixture(scope="module")
+def fresh_interpreters(tmp_path_factory):
+    """The run-time checks' interpreters, started together (each is mostly `import torch` on one core):
+    package -> its process with the layers above it blocked, and "anywhere" -> the one run outside the
+    checkout. Each test waits for its own."""
+    procs = {package: subprocess.Popen([sys.executable, "-c", BLOCKER, package, *LAYERS[LAYERS.index(package) + 1:]],
+                                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for package in LAYERS[:-1]}
+    procs["anywhere"] = subprocess.Popen([sys.executable, "-c", ANYWHERE], cwd=tmp_path_factory.mktemp("elsewhere"),
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = {}
+
+    def result(name: str) -> subprocess.CompletedProcess:
+        if name not in done:
+            out, err = procs[name].communicate(timeout=300)
+            done[name] = subprocess.CompletedProcess(procs[name].args, procs[name].returncode, out, err)
+        return done[name]
+
+    yield result
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 @pytest.mark.parametrize("package", LAYERS[:-1])
-def test_each_package_imports_with_the_layers_above_it_blocked(package):
-    above = LAYERS[LAYERS.index(package) + 1:]
-    proc = subprocess.run([sys.executable, "-c", BLOCKER, package, *above], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+def test_each_package_imports_with_the_layers_above_it_blocked(package, fresh_interpreters):
+    proc = fresh_interpreters(package)
     assert proc.returncode == 0 and proc.stdout.strip() == f"ok {package}", proc.stderr[-3000:]
 
 
-def test_the_packages_are_this_projects_from_any_directory(tmp_path):
+def test_the_packages_are_this_projects_from_any_directory(fresh_interpreters):
     """An installed distribution with one of the same import names (Hugging Face's `kernels`, which
     transformers 5.25+ requires) would shadow ours outside the checkout: run from elsewhere, every
     top-level package must still resolve here."""
-    code = "import importlib, json; print(json.dumps({n: importlib.import_module(n).__file__ for n in %r}))" % LAYERS
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    out = fresh_interpreters("anywhere")
     assert out.returncode == 0, out.stderr[-2000:]
     found = json.loads(out.stdout)
     assert all(Path(f).resolve().is_relative_to(ROOT) for f in found.values()), found
