@@ -95,9 +95,8 @@ def corpus(tmp_path_factory) -> Path:
     return path
 
 
-def test_the_blocker_hides_them(tmp_path):
-    """In the blocking interpreter the packages look uninstalled (they are installed in the dev venv)."""
-    code = """
+# The checks' programs, run in the blocking interpreter (`started` below starts them).
+BLOCKER_CHECK = """
 import importlib, importlib.metadata, importlib.util, sys
 for n in sys.argv[1:]:
     try:
@@ -115,12 +114,8 @@ for n in sys.argv[1:]:
 import numpy, torch  # the rest is there
 print("blocked")
 """
-    proc = run_without(OPTIONAL, "-c", code, *OPTIONAL, cwd=tmp_path)
-    assert proc.returncode == 0 and proc.stdout.strip() == "blocked", proc.stderr[-3000:]
 
-
-def test_every_module_imports_and_the_model_and_kernels_run_without_them(tmp_path):
-    code = """
+EVERY_MODULE = """
 import importlib, pkgutil, sys
 import torch
 for top in ("kernels", "gpt", "train", "bench"):
@@ -139,14 +134,28 @@ bad = sorted(m for m in sys.modules if m.split(".")[0] in %r)
 assert not bad, bad
 print("ok")
 """ % (OPTIONAL,)
-    proc = run_without(OPTIONAL, "-c", code, cwd=tmp_path, interpret=True)
+
+# The tests that read each started process, where the name alone does not say it.
+STARTED_BY = {"blocker": "test_the_blocker_hides_them",
+              "every_module": "test_every_module_imports_and_the_model_and_kernels_run_without_them",
+              "char_training": "test_char_training_evaluation_and_sampling_without_them"}
+
+
+def test_the_blocker_hides_them(started):
+    """In the blocking interpreter the packages look uninstalled (they are installed in the dev venv)."""
+    proc = finish(started["blocker"])
+    assert proc.returncode == 0 and proc.stdout.strip() == "blocked", proc.stderr[-3000:]
+
+
+def test_every_module_imports_and_the_model_and_kernels_run_without_them(started):
+    proc = finish(started["every_module"])
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-def test_char_training_evaluation_and_sampling_without_them(tmp_path, corpus):
+def test_char_training_evaluation_and_sampling_without_them(started):
+    tmp_path = started["dirs"]["char_training"]
     out = tmp_path / "out"
-    proc = run_without(OPTIONAL, "-m", "train", "--dataset", corpus, "--tokenizer", "char",
-                       "--data-dir", tmp_path / "data", "--out-dir", out, *TINY, cwd=tmp_path)
+    proc = finish(started["char_training"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "ckpt.pt").exists()
     assert "iter      3/3 | loss" in proc.stdout  # the periodic log lines, without tqdm
@@ -206,25 +215,46 @@ def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def _check_name(item) -> str:
+    """A MISSING case's name for its test, else the test's name."""
+    callspec = getattr(item, "callspec", None)
+    return callspec.params["case"] if callspec is not None and "case" in callspec.params else item.originalname
+
+
 @pytest.fixture(scope="module")
-def missing_runs(tmp_path_factory, corpus) -> dict:
-    """Every case of MISSING run at once (each is mostly interpreter start-up): case -> (result, dir)."""
-    started = {}
+def started(request, tmp_path_factory, corpus) -> dict:
+    """The fresh interpreters of this module's selected checks, started together at the first of them (each is
+    mostly interpreter start-up on one core): "blocker", "every_module", "char_training" (its training run) and
+    each case of MISSING -> its process; "dirs": name -> the directory it runs in."""
+    selected = {_check_name(item) for item in request.session.items if item.module is request.module}
+    procs, dirs = {}, {}
+
+    def start(name, blocked, mode, target, *args, interpret=False):
+        if STARTED_BY.get(name, name) in selected:
+            dirs[name] = d = tmp_path_factory.mktemp(name)
+            procs[name] = start_without(blocked, mode, target, *[str(a).format(dir=d) for a in args], cwd=d,
+                                        interpret=interpret)
+
+    start("blocker", OPTIONAL, "-c", BLOCKER_CHECK, *OPTIONAL)
+    start("every_module", OPTIONAL, "-c", EVERY_MODULE, interpret=True)
+    start("char_training", OPTIONAL, "-m", "train", "--dataset", corpus, "--tokenizer", "char", "--data-dir",
+          "{dir}/data", "--out-dir", "{dir}/out", *TINY)
     for case, (blocked, extra, _, _, needs) in MISSING.items():
-        if not all(map(_installed, needs)):
-            continue
-        d = tmp_path_factory.mktemp(case)
-        argv = [a.format(corpus=corpus) for a in extra]
-        started[case] = (start_without(blocked, "-m", "train", *argv, "--data-dir", d / "data",
-                                       "--out-dir", d / "out", *TINY, cwd=d), d)
-    return {case: (finish(proc), d) for case, (proc, d) in started.items()}
+        if all(map(_installed, needs)):
+            start(case, blocked, "-m", "train", *[a.format(corpus=corpus) for a in extra], "--data-dir", "{dir}/data",
+                  "--out-dir", "{dir}/out", *TINY)
+    yield {**procs, "dirs": dirs}
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 @pytest.mark.parametrize("case", list(MISSING))
-def test_a_feature_that_needs_a_missing_package_says_so_in_one_line(missing_runs, case):
+def test_a_feature_that_needs_a_missing_package_says_so_in_one_line(started, case):
     _, _, package, instead, needs = MISSING[case]
-    if case not in missing_runs:
+    if case not in started:
         pytest.skip(f"needs {', '.join(needs)} installed")
-    proc, d = missing_runs[case]
+    proc, d = finish(started[case]), started["dirs"][case]
     _one_line_error(proc, package, instead)
     assert not (d / "out" / "ckpt.pt").exists()
