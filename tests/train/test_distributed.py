@@ -231,17 +231,21 @@ def test_every_resume_across_one_process_ddp_and_fsdp_continues_from_the_newest_
     assert_matches_one_process(root / "mix", references["adamw"])  # one record per step, 1..STEPS
 
 
-def test_consolidation_never_replaces_a_newer_single_file(root, job):
-    """The mixed run ends with ckpt.pt at step 6 and the sharded checkpoint at step 5."""
+def test_consolidation_never_replaces_a_newer_single_file(root, job, capsys):
+    """The mixed run ends with ckpt.pt at step 6 and the sharded checkpoint at step 5. (The command line's
+    main(argv) runs in this process: test_consolidate_command_writes_the_file_the_sampler_reads runs it as
+    a process of its own.)"""
+    from train.consolidate import main
     run = root / "mix_consolidate"
     shutil.copytree(root / "mix", run)
     kept = (run / "ckpt.pt").read_bytes()
     with pytest.raises(CheckpointError, match=r"ckpt.pt is at iter 6, newer than the sharded checkpoint .* \(iter 5\)"):
         consolidate(run)
     assert (run / "ckpt.pt").read_bytes() == kept
-    p = subprocess.run([sys.executable, "-m", "train.consolidate", str(run)], capture_output=True, text=True,
-                       env=ENV, timeout=120)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--force" in p.stderr, p.stderr
+    capsys.readouterr()
+    assert main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "--force" in err, err
     assert (run / "ckpt.pt").read_bytes() == kept
     consolidate(run, force=True)
     assert read_checkpoint(run / "ckpt.pt")["iter"] == 5
@@ -288,10 +292,8 @@ def test_consolidate_command_writes_the_file_the_sampler_reads(root, job):
                          text=True, env=ENV, timeout=120)
     assert out.returncode == 0, out.stderr
     assert read_checkpoint(root / "fsdp_half" / "ckpt.pt")["iter"] == 3
-    sample = subprocess.run([sys.executable, "-m", "gpt.sample", "--ckpt", str(root / "fsdp_half" / "ckpt.pt"),
-                             "--max-new-tokens", "5", "--prompt", "the"], capture_output=True, text=True, env=ENV,
-                            timeout=120)
-    assert sample.returncode == 0, sample.stderr
+    from gpt.sample import main as sample   # the sampler's command line in this process
+    assert sample(["--ckpt", str(root / "fsdp_half" / "ckpt.pt"), "--max-new-tokens", "5", "--prompt", "the"]) == 0
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
