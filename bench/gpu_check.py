@@ -66,6 +66,7 @@ class Plan:
             self.presets = ["tiny"]
             self.tokens, self.seq = {"tiny": 64}, {"tiny": 64}
             self.attn_seqs, self.attn_dims = [64], [64]
+            self.attn_batch = 2   # attention at batch 2 (bf16 matmuls are emulated on many CPUs)
             # Two steps of 2 x 16 tokens and one eval batch: the Triton path runs in the interpreter on a CPU.
             self.train_preset, self.train_steps = "tiny", train_steps or 2
             self.train_model = dict(n_layer=1, n_embd=64, n_head=2, n_kv_head=1, block_size=16)
@@ -78,6 +79,7 @@ class Plan:
             self.seq = {p: preset_config(p).block_size for p in self.presets}
             self.tokens = {p: 8 * self.seq[p] for p in self.presets}
             self.attn_seqs, self.attn_dims = [1024, 2048, 4096, 8192], [64, 128]
+            self.attn_batch = None   # each geometry's: batch 8 at the presets, 4..16 in the sweep
             self.train_preset, self.train_steps = "small", train_steps or 200
             self.train_model, self.train_batch, self.eval_iters = {}, None, 20
             self.decode_preset, self.decode_batches, self.decode_tokens = "small", (1, 16), 256
@@ -130,14 +132,17 @@ def kernels_at_presets(plan: Plan, ctx: RunContext) -> list[dict]:
     """Every op at each preset's shapes: rows = 8 x block_size tokens (attention: batch 8 x block_size),
     the preset's widths and heads."""
     sizes = lambda name: [(p, plan.seq[p] if name == "attention" else plan.tokens[p]) for p in plan.presets]
+    geometry = lambda p: (preset_geometry(p) if plan.attn_batch is None else
+                          replace(preset_geometry(p), attn_tokens=plan.attn_batch * plan.seq[p]))
     return _measure_all(ctx, ["rms_norm", "rms_norm_residual", "rope", "swiglu", "attention"], sizes,
-                        preset_geometry, "kernels")
+                        geometry, "kernels")
 
 
 def attention_sweep(plan: Plan, ctx: RunContext) -> list[dict]:
     """Causal attention, 16 query / 4 KV heads, batch 4..16 (32k tokens per call), per head dim and T."""
-    geometries = {D: kernel_suite.Geometry(heads=16, kv_heads=4, head_dim=D, attn_tokens=32768, min_batch=4,
-                                           max_batch=16) for D in plan.attn_dims}
+    lo, hi = (4, 16) if plan.attn_batch is None else (plan.attn_batch, plan.attn_batch)
+    geometries = {D: kernel_suite.Geometry(heads=16, kv_heads=4, head_dim=D, attn_tokens=32768, min_batch=lo,
+                                           max_batch=hi) for D in plan.attn_dims}
     records = []
     for D, geometry in geometries.items():
         records += _measure_all(ctx, ["attention"], lambda _: [(f"D={D}", T) for T in plan.attn_seqs],
