@@ -371,15 +371,29 @@ def test_cli_train_then_sample_end_to_end(tmp_path, data_dir):
 # traceback; --kernels triton must be one: in this process TRITON_INTERPRET=1 lets the kernels run on the
 # CPU). The others go through the same main(argv) in this process (a second python start each cost ~3.5 s):
 # it must return 2 or exit 2 with the message on stderr, and any other exception fails the test.
-@pytest.mark.parametrize("args, message", [
+BAD_INPUT = [
     (["train", "--kernels", "triton", "--device", "cpu", "--max-iters", "1"], "kernels='triton' cannot run here"),
     (["gpt.sample", "--ckpt", "missing.pt"], "error: checkpoint missing.pt does not exist"),
     (["train.evaluate", "--ckpt", "missing.pt"], "error: checkpoint missing.pt does not exist"),
-])
-def test_cli_bad_input_is_one_clear_line(tmp_path, data_dir, args, message):
-    if args[0] == "train":
-        args = [*args, "--data-dir", data_dir]
-    p = run_cli(*args, cwd=tmp_path)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory, data_dir):
+    """BAD_INPUT's commands, started together (each is mostly interpreter start-up); each test waits for its own."""
+    procs = [start_cli(*args, *(["--data-dir", data_dir] if args[0] == "train" else []),
+                       cwd=tmp_path_factory.mktemp("bad-input")) for args, _ in BAD_INPUT]
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[" ".join(a[:2]) for a, _ in BAD_INPUT])
+def test_cli_bad_input_is_one_clear_line(bad_input_runs, case):
+    message = BAD_INPUT[case][1]
+    p = finish_cli(bad_input_runs[case])
     assert p.returncode == 2
     assert message in p.stderr and "Traceback" not in p.stderr, p.stderr
 
