@@ -270,7 +270,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot_within_a_step():
             [job] = server.service.jobs
             [request] = job.engine_requests
         left = time.monotonic()            # the connection is closed here
-        wait_until(lambda: server.engine.busy() == 0, 5, "the slot freed")
+        # The engine's thread frees the slot, then emits the request's last event (its finish_reason): wait for both.
+        wait_until(lambda: server.engine.busy() == 0 and request.finish_reason is not None, 5, "the slot freed")
         freed = time.monotonic() - left
         assert request.finish_reason == "cancelled"
         assert request.completion_tokens < 3 + 4 + int(freed / step) + 2, (request.completion_tokens, freed)
