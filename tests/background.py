@@ -3,6 +3,7 @@
 unchanged. Output goes to files, not pipes: a pipe nobody reads yet would stop a chatty command."""
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -12,13 +13,14 @@ class Job:
     """`cmd` started now; `result()` waits for it (at most `timeout` seconds from the start; a command still
     running then is killed, and its result says so) and returns it as subprocess.run would."""
 
-    def __init__(self, cmd: list[str], *, cwd, env: dict, workdir: Path, timeout: float):
+    def __init__(self, cmd: list[str], *, cwd, env: dict, workdir: Path, timeout: float, nice: int = 0):
         self.cmd, self.timeout = [str(c) for c in cmd], timeout
         workdir.mkdir(parents=True, exist_ok=True)
         self._files = [open(workdir / name, "w+", encoding="utf-8") for name in ("stdout.txt", "stderr.txt")]
         self._start = time.monotonic()
         self.proc = subprocess.Popen(self.cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=self._files[0],
-                                     stderr=self._files[1], text=True)
+                                     stderr=self._files[1], text=True,
+                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
         self._result: subprocess.CompletedProcess | None = None
 
     def result(self) -> subprocess.CompletedProcess:

@@ -1,29 +1,17 @@
 """python -m kernels.report: the kernels compile for sm_80 and sm_90 without spills (no GPU needed)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from kernels import report
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _run_report(args, timeout=900):
-    # The kernel modules must be imported without the interpreter for triton.compile to take them.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "kernels.report", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
 
 @pytest.fixture(scope="module")
-def quick_report(tmp_path_factory):
-    """One run of `python -m kernels.report --quick --json FILE`: (process, parsed JSON)."""
-    out = tmp_path_factory.mktemp("report") / "report.json"
-    proc = _run_report(["--quick", "--json", str(out)])
+def quick_report(report_job):
+    """One run of `python -m kernels.report --quick --json FILE`, started with the first kernel test
+    (tests/kernels/conftest.py): (process, parsed JSON)."""
+    job, out = report_job
+    proc = job.result()
     assert out.exists(), f"no JSON written (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc, json.loads(out.read_text())
 
