@@ -307,8 +307,8 @@ def train_shape(ctx: RunContext, base: dict, timeout: float, records: list[dict]
     probes = []
     for batch, seq in PROBE_SHAPES:
         progress(f"[loss] probe: unfused {base['preset']} step at {batch} x {seq} tokens")
-        r = launch({**base, "fused_loss": "off", "kernels": ctx.kernels[0], "batch": batch, "seq": seq,
-                    "warmup": 1, "steps": 1}, timeout)
+        r = launch({**base, "test": "train", "fused_loss": "off", "kernels": ctx.kernels[0], "batch": batch,
+                    "seq": seq, "warmup": 1, "steps": 1}, timeout)
         records.append({"test": "probe", "kind": "measured", "fused_loss": "off", "batch": batch, "seq": seq,
                         "tokens": batch * seq, **{k: r.get(k) for k in ("peak_mb", "error", "process_rss_before_mb")}})
         if "peak_mb" not in r:

@@ -104,11 +104,26 @@ def test_full_mode_sizes_the_training_step_by_the_probes():
     assert loss_suite.pick_shape(candidates, probes, 500.0, 5000.0)[0] is None
 
 
+def test_the_probes_run_real_workers(monkeypatch):
+    """The probes' specs are ones the worker takes: two real unfused steps of `tiny` at toy sizes, each in its own
+    process, measure a peak, and the step is sized from them."""
+    monkeypatch.setattr(loss_suite, "PROBE_SHAPES", ((1, 16), (2, 16)))
+    monkeypatch.setattr(loss_suite, "mem_available_bytes", lambda: 64 << 30)
+    ctx = RunContext(torch.device("cpu"), quick=False, dtype=torch.float32, kernels=["torch"])
+    records = []
+    base = {"device": "cpu", "dtype": "float32", "threads": 1, "vocab": 512, "preset": "tiny"}
+    assert loss_suite.train_shape(ctx, base, 300, records) == loss_suite.FULL_SHAPES[0], ctx.notes
+    assert [r["tokens"] for r in records] == [16, 32]
+    assert all(r["error"] is None and r["peak_mb"] > 0 for r in records), records
+    assert not ctx.notes, ctx.notes
+
+
 def test_full_mode_probes_then_says_when_it_falls_back_to_8192_tokens(monkeypatch):
     """The probes' peaks (here 3000 and 5000 MB) set the size: 16,384 tokens need 17.5 GB, over 85% of 18 GB."""
     specs = []
 
     def launch(spec, timeout):
+        assert spec["test"] == "train", spec      # what the worker dispatches on
         specs.append(spec)
         return {"peak_mb": 1000.0 + spec["batch"] * spec["seq"] * 2000 / 2048, "process_rss_before_mb": 500.0}
 
