@@ -246,15 +246,38 @@ def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
-def _logit_grad(logits, lse, targets, valid, scale, z_loss: float):
-    """In place: the fp32 logit tile (rows, V) -> d loss_row / d logits = softmax (1 + 2 z_loss lse) -
-    onehot(target) (d lse^2 / d logits = 2 lse softmax), times scale (a number or a (rows,) tensor), zero on
-    ignored rows."""
-    g = logits.sub_(lse[:, None]).exp_()
-    if z_loss:
-        g.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
-    g[torch.arange(g.shape[0], device=g.device), targets.where(valid, 0)] -= 1.0
-    return g.mul_((valid.to(g.dtype) * scale)[:, None])
+def _softmax_parts(logits, targets, valid):
+    """In place: the fp32 logit tile (rows, V) -> exp(logits - rowmax). Returns (that tile, its row sums, the
+    log-sum-exp, the target logits), with no other tile-sized temporary (torch.logsumexp would make one)."""
+    target_logit = logits.gather(1, targets.where(valid, 0)[:, None])[:, 0]
+    m = logits.amax(dim=-1)
+    p = logits.sub_(m[:, None]).exp_()
+    s = p.sum(dim=-1)
+    return p, s, m + s.log(), target_logit
+
+
+def _logit_grad(p, s, lse, targets, valid, scale, z_loss: float):
+    """In place: exp(logits - rowmax) (rows, V) with its row sums s -> d loss_row / d logits = softmax (1 +
+    2 z_loss lse) - onehot(target) (d lse^2 / d logits = 2 lse softmax), times scale (a number or a (rows,)
+    tensor), zero on ignored rows: one pass over the tile and one element per row."""
+    row = valid.to(p.dtype) * scale
+    g = p.mul_((row * (1.0 + 2.0 * z_loss * lse) / s)[:, None])
+    g[torch.arange(g.shape[0], device=g.device), targets.where(valid, 0)] -= row
+    return g
+
+
+def _accumulate_grads(g, xc, w, dx_rows, dw):
+    """dx_rows = g @ w and dw += g^T @ xc (fp32). Where the matmuls are fp32 they write into dx_rows and dw
+    directly: a fresh (V, D) product per chunk would cost a page-faulted allocation and two more passes over
+    the weight's size each time."""
+    if g.dtype == dx_rows.dtype:
+        torch.matmul(g, w, out=dx_rows)
+    else:
+        dx_rows.copy_(g @ w)
+    if g.dtype == dw.dtype:
+        dw.addmm_(g.t(), xc)
+    else:
+        dw += (g.t() @ xc).float()
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -278,14 +301,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grads_now else None
             for s in range(0, n, chunk_rows):
                 xc, tc, vc = x[s:s + chunk_rows].to(mm), targets[s:s + chunk_rows], valid[s:s + chunk_rows]
-                logits = (xc @ w.t()).float()                                   # (rows, V)
-                lse = torch.logsumexp(logits, dim=-1)
-                target_logit = logits.gather(1, tc.where(vc, 0)[:, None])[:, 0]
+                p, total, lse, target_logit = _softmax_parts((xc @ w.t()).float(), tc, vc)     # (rows, V)
                 losses[s:s + chunk_rows] = torch.where(vc, lse - target_logit + z_loss * lse.square(), 0.0)
                 if grads_now:
-                    g = _logit_grad(logits, lse, tc, vc, 1.0 / denom if denom is not None else 1.0, z_loss).to(mm)
-                    dx[s:s + chunk_rows] = g @ w
-                    dw += (g.t() @ xc).float()
+                    g = _logit_grad(p, total, lse, tc, vc, 1.0 / denom if denom is not None else 1.0, z_loss)
+                    _accumulate_grads(g.to(mm), xc, w, dx[s:s + chunk_rows], dw)
         ctx.reduction, ctx.ignore_index, ctx.chunk_rows, ctx.mm = reduction, ignore_index, chunk_rows, mm
         ctx.z_loss = z_loss
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
@@ -313,11 +333,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             w = weight.to(mm)
             for s in range(0, x.shape[0], rows):
                 xc, tc, vc = x[s:s + rows].to(mm), targets[s:s + rows], valid[s:s + rows]
-                logits = (xc @ w.t()).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                g = _logit_grad(logits, lse, tc, vc, grad_out[s:s + rows].float(), ctx.z_loss).to(mm)
-                dx[s:s + rows] = (g @ w).to(ctx.x_dtype)
-                dw += (g.t() @ xc).float()
+                p, total, lse, _ = _softmax_parts((xc @ w.t()).float(), tc, vc)
+                g = _logit_grad(p, total, lse, tc, vc, grad_out[s:s + rows].float(), ctx.z_loss)
+                _accumulate_grads(g.to(mm), xc, w, dx[s:s + rows], dw)
         return dx, dw.to(ctx.w_dtype), None, None, None, None, None
 
 
