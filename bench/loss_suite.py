@@ -209,10 +209,38 @@ def train_worker(spec: dict) -> dict:
             "steps_timed": len(times), "tokens_per_s": batch * seq / median, "losses": losses}
 
 
+# The keys of a worker's spec, by its "test" (what head_worker and train_worker read).
+WORKER_KEYS = {"head": ("device", "dtype", "threads", "vocab", "variant", "kernels", "rows", "width", "warmup", "steps"),
+               "train": ("device", "dtype", "threads", "vocab", "preset", "kernels", "fused_loss", "batch", "seq",
+                         "warmup", "steps")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.loss_suite", description="one measurement of the loss suite, "
+                                "in this process; its result as one JSON line")
+    p.add_argument("--worker", required=True, help="the measurement as a JSON object: \"test\" (head or train) and "
+                   "the keys that test takes (bench/loss_suite.py WORKER_KEYS)")
+    return p
+
+
+def parse_spec(text: str) -> dict:
+    """The --worker JSON, checked: a one-line SystemExit naming what is wrong and what it takes."""
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: --worker is not valid JSON ({e})")
+    test = spec.get("test") if isinstance(spec, dict) else None
+    if test not in WORKER_KEYS:
+        raise SystemExit(f"error: --worker needs \"test\": one of {', '.join(WORKER_KEYS)}; got {test!r}")
+    missing = [k for k in WORKER_KEYS[test] if k not in spec]
+    if missing:
+        raise SystemExit(f"error: --worker {test} spec lacks {', '.join(missing)}; it takes "
+                         f"{', '.join(WORKER_KEYS[test])}")
+    return spec
+
+
 def worker_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.loss_suite", description="one measurement of the loss suite")
-    p.add_argument("--worker", required=True, help="the measurement as a JSON object (bench/loss_suite.py)")
-    spec = json.loads(p.parse_args(argv).worker)
+    spec = parse_spec(build_parser().parse_args(argv).worker)
     torch.set_num_threads(spec["threads"])
     result = (head_worker if spec["test"] == "head" else train_worker)(spec)
     print(json.dumps(result), flush=True)

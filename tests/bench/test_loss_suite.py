@@ -141,3 +141,13 @@ def test_full_mode_probes_then_says_when_it_falls_back_to_8192_tokens(monkeypatc
     ctx.batch_size = 3  # an explicit size is measured as asked, without probes
     specs.clear()
     assert loss_suite.train_shape(ctx, base, 60, []) == (3, 512) and not specs
+
+
+def test_a_bad_worker_spec_is_a_one_line_error():
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        loss_suite.parse_spec("{test: head}")
+    with pytest.raises(SystemExit, match='needs "test": one of head, train'):
+        loss_suite.parse_spec('{"batch": 2}')
+    with pytest.raises(SystemExit, match="train spec lacks fused_loss, batch"):
+        loss_suite.parse_spec('{"test": "train", "device": "cpu", "dtype": "float32", "threads": 1, "vocab": 64, '
+                              '"preset": "tiny", "kernels": "torch", "seq": 8, "warmup": 1, "steps": 1}')
