@@ -1,12 +1,32 @@
 """Long commands a test session starts before the tests that read them need them, so that they run side by side
 (on 2 CPU cores, one command that keeps one core busy leaves the other idle), each command and its checks
-unchanged. Output goes to files, not pipes: a pipe nobody reads yet would stop a chatty command."""
+unchanged. Output goes to files, not pipes: a pipe nobody reads yet would stop a chatty command. `finish` and
+`stop_all` serve the short, quiet commands that tests start side by side with pipes (subprocess.Popen)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import time
 from pathlib import Path
+
+
+def finish(proc: subprocess.Popen, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Wait for a started process (giving it `stdin`), as subprocess.run would return it; one still running
+    `timeout` seconds from now is killed and returned as it ended."""
+    try:
+        out, err = proc.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def stop_all(procs) -> None:
+    """Kill the started processes still running (a fixture's teardown: tests that never read theirs)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 class Job:

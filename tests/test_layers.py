@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.background import finish, stop_all
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["kernels", "gpt", "train", "bench"]  # each may import only the ones before it
 # The kernel modules never import the tool that inspects them: the report imports the kernels.
@@ -193,24 +195,13 @@ def fresh_interpreters(tmp_path_factory):
              for package in LAYERS[:-1]}
     procs["anywhere"] = subprocess.Popen([sys.executable, "-c", ANYWHERE], cwd=tmp_path_factory.mktemp("elsewhere"),
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    done = {}
-
-    def result(name: str) -> subprocess.CompletedProcess:
-        if name not in done:
-            out, err = procs[name].communicate(timeout=300)
-            done[name] = subprocess.CompletedProcess(procs[name].args, procs[name].returncode, out, err)
-        return done[name]
-
-    yield result
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    yield procs
+    stop_all(procs.values())
 
 
 @pytest.mark.parametrize("package", LAYERS[:-1])
 def test_each_package_imports_with_the_layers_above_it_blocked(package, fresh_interpreters):
-    proc = fresh_interpreters(package)
+    proc = finish(fresh_interpreters[package])
     assert proc.returncode == 0 and proc.stdout.strip() == f"ok {package}", proc.stderr[-3000:]
 
 
@@ -218,7 +209,7 @@ def test_the_packages_are_this_projects_from_any_directory(fresh_interpreters):
     """An installed distribution with one of the same import names (Hugging Face's `kernels`, which
     transformers 5.25+ requires) would shadow ours outside the checkout: run from elsewhere, every
     top-level package must still resolve here."""
-    out = fresh_interpreters("anywhere")
+    out = finish(fresh_interpreters["anywhere"], timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     found = json.loads(out.stdout)
     assert all(Path(f).resolve().is_relative_to(ROOT) for f in found.values()), found

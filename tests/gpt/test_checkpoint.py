@@ -13,6 +13,7 @@ from gpt import GPT, GPTConfig, load_model
 from gpt.checkpoint import read_checkpoint
 from gpt.errors import CheckpointError, ConfigError
 from gpt.tokenizer import CharTokenizer
+from tests.background import finish
 from train.checkpoint import rng_state, save_checkpoint, set_rng_state
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,8 +51,8 @@ def test_a_checkpoint_with_a_pickle_payload_is_refused_and_runs_nothing(tmp_path
     procs = [subprocess.Popen([sys.executable, "-m", *cli, "--ckpt", str(tmp_path / "evil.pt")], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for cli in (["gpt.sample", "--max-tokens", "2"], ["train.evaluate"])]
-    for proc in procs:
-        _, err = proc.communicate(timeout=120)
+    for proc in (finish(p, timeout=120) for p in procs):
+        err = proc.stderr
         assert proc.returncode == 2 and "Traceback" not in err and "--trust-checkpoint" in err, err
         assert len(err.strip().splitlines()) == 1, err
     assert not marker.exists()

@@ -12,6 +12,7 @@ from gpt import GPT, GPTConfig, load_model
 from gpt.checkpoint import read_checkpoint
 from gpt.quantize import quantize_int8
 from kernels.testing import FWD_FACTOR, assert_close_to_reference
+from tests.background import finish
 from train.config import TrainConfig
 from train.data.shards import ShardWriter, TokenSplit, open_shard
 from train.evaluate import bits_per_byte, split_loss
@@ -107,10 +108,6 @@ def test_a_checkpoint_trained_on_the_triton_kernels_is_scored_and_sampled_on_pyt
     assert len(losses["triton"]) == len(val) - 1
     assert_close_to_reference("per-token loss", losses["triton"], losses["torch64"], losses["torch32"], FWD_FACTOR,
                               torch.float32)
-
-    def finish(proc):
-        out, err = proc.communicate(timeout=300)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     # The evaluator's CLI: exactly the in-process torch figure (the same computation on one thread: equal to
     # the last bit), whose tokens all passed the rule above.

