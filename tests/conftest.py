@@ -32,11 +32,11 @@ def _seed():
     yield
 
 
-BACKGROUND_LAST = "tests/bench/"   # their commands run in the background from the start (`bench_jobs`)
+BACKGROUND_LAST = "tests/bench/"   # their commands run in the background from the start (`background_jobs`)
 
 
 def pytest_collection_modifyitems(config, items):
-    # tests/bench last, in their order: the long commands they read (tests/bench/jobs.py) start with the
+    # tests/bench last, in their order: the long commands they read (tests/jobs.py) start with the
     # session, in the background, and run while the tests before them leave a core idle.
     items[:] = sorted(items, key=lambda item: BACKGROUND_LAST in item.nodeid)
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -74,11 +74,12 @@ def step_without_autotune():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def bench_jobs(request, tmp_path_factory):
-    """The commands of tests/bench/jobs.py whose output the selected tests read, started at the first test of the
-    session, in the background at the lowest CPU priority; tests/bench runs last and reads them
-    (tests/bench/conftest.py). fixture name -> (tests.background.Job, output directory)."""
-    from tests.bench import jobs
+def background_jobs(request, tmp_path_factory):
+    """The commands of tests/jobs.py whose output the selected tests read, started at the first test of the
+    session, in the background at the lowest CPU priority (tests/bench runs last and reads two of them,
+    tests/bench/conftest.py; tests/kernels/test_report.py the third). fixture name -> (tests.background.Job,
+    output directory)."""
+    from tests import jobs
     wanted = [name for name in jobs.COMMANDS if any(name in item.fixturenames for item in request.session.items)]
     started = {name: jobs.start(name, tmp_path_factory) for name in wanted}
     yield started

@@ -63,7 +63,7 @@ def test_print_tables_handles_both_record_kinds(capsys):
 def test_the_nanogpt_baseline_gives_the_same_tokens_as_train_prepare(quick_run):
     """The baseline tokenizes the same documents into the same number of GPT-2 ids (each document plus
     its end-of-text token) as `python -m train.prepare`, so the two wall times compare the same work: the
-    records of bench/run.py's quick run with --data-baseline (tests/bench/jobs.py)."""
+    records of bench/run.py's quick run with --data-baseline (tests/jobs.py)."""
     pytest.importorskip("tiktoken")
     pytest.importorskip("datasets")
     _, doc, _ = quick_run

@@ -1,5 +1,5 @@
 """The `dist` suite: its GPU estimates checked by hand, and one shrunken measured run on 1 and 2 CPU ranks (bench/run.py's
-quick run, tests/bench/jobs.py)."""
+quick run, tests/jobs.py)."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 from bench import dist_suite
 from bench.common import RunContext
 
-from .jobs import BATCH, SEQ
+from tests.jobs import BATCH, SEQ
 
 P = 1_000_000  # a made-up parameter count
 
@@ -78,7 +78,7 @@ def test_derived_columns_by_hand():
 
 def test_measured_run_on_one_and_two_cpu_ranks(quick_run):
     """The real thing, shrunken: torchrun with 1 and 2 gloo ranks, as bench/run.py's quick run measures them
-    (tests/bench/jobs.py: --batch-size and --seq-len per rank; test_run.py checks the rest of that run)."""
+    (tests/jobs.py: --batch-size and --seq-len per rank; test_run.py checks the rest of that run)."""
     _, doc, _ = quick_run
     assert not [n for n in doc["notes"] if n.startswith(("dist", "suite dist"))], doc["notes"]
     rows = [r for r in doc["results"]["dist"] if r["table"] == "measured"]

@@ -1,5 +1,5 @@
 """bench/gpu_check.py: its dry run (every step at toy sizes, both kernel paths through Triton's interpreter;
-tests/bench/jobs.py starts it) runs here, so the GPU command cannot rot; without a GPU and without
+tests/jobs.py starts it) runs here, so the GPU command cannot rot; without a GPU and without
 --dry-run it refuses in one line."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""bench/run.py end to end on CPU (a shrunken quick run: tests/bench/jobs.py), and the FLOP/MFU/roofline
+"""bench/run.py end to end on CPU (a shrunken quick run: tests/jobs.py), and the FLOP/MFU/roofline
 formulas by hand."""
 import importlib.util
 import json
@@ -15,7 +15,7 @@ from bench import decode_suite, roofline, static_suite, train_suite
 from bench.common import RunContext
 from gpt import GPT, GPTConfig
 
-from .jobs import SUITES
+from tests.jobs import SUITES
 
 REPO = Path(__file__).resolve().parents[2]
 PLOTS = ("kernels_gbps.png", "attention_tflops.png", "train_tokens_per_s.png", "decode_tokens_per_s.png",

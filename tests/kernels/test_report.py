@@ -7,11 +7,12 @@ from kernels import report
 
 
 @pytest.fixture(scope="module")
-def quick_report(report_job):
-    """One run of `python -m kernels.report --quick --json FILE`, started with the first kernel test
-    (tests/kernels/conftest.py): (process, parsed JSON)."""
-    job, out = report_job
+def quick_report(background_jobs):
+    """One run of `python -m kernels.report --quick --json FILE`, started with the session (tests/jobs.py):
+    (process, parsed JSON)."""
+    job, out = background_jobs["quick_report"]
     proc = job.result()
+    out = out / "report.json"
     assert out.exists(), f"no JSON written (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc, json.loads(out.read_text())
 

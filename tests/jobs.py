@@ -1,10 +1,13 @@
-"""The benchmark commands whose output tests/bench reads: one shrunken `--quick` run of the suites through
-bench/run.py (a minute on 2 CPU cores), whose records test_run.py checks as a whole and test_dist_suite.py /
-test_data_suite.py check for their suite's measured rows, instead of measuring them again (the loss suite is left
-out of it: it runs through bench/run.py in test_loss_suite.py, its records, tables and summary, and test_run.py
-checks that `--suite all`, the default, selects it with the others); and bench/gpu_check.py's dry run
-(test_gpu_check.py). tests/conftest.py starts the ones the selected tests read when the session starts, in the
-background (tests/background.py), and runs tests/bench last, so they run while the other tests leave a core idle."""
+"""The long commands whose output tests read, started with the session in the background (tests/conftest.py
+`background_jobs`, tests/background.py) so that they run while the tests before their readers leave a core idle:
+- quick_run: one shrunken `--quick` run of the suites through bench/run.py (a minute on 2 CPU cores), whose
+  records tests/bench/test_run.py checks as a whole and test_dist_suite.py / test_data_suite.py check for their
+  suite's measured rows, instead of measuring them again (the loss suite is left out of it: it runs through
+  bench/run.py in test_loss_suite.py, its records, tables and summary, and test_run.py checks that `--suite all`,
+  the default, selects it with the others);
+- dry_run: bench/gpu_check.py's dry run (tests/bench/test_gpu_check.py);
+- quick_report: `python -m kernels.report --quick --json FILE` (tests/kernels/test_report.py), whose ptxas
+  runs beside the interpreted kernel tests."""
 import json
 import os
 import sys
@@ -12,7 +15,7 @@ from pathlib import Path
 
 from tests.background import Job
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 # A kernels.report JSON as the compile report writes it (two rows), so the static suite is tested
 # without minutes of ptxas.
@@ -44,15 +47,22 @@ def _dry_run_command(out: Path) -> list:
     return [sys.executable, REPO / "bench" / "gpu_check.py", "--dry-run", "--device", "cpu", "--out", out]
 
 
-# fixture name -> (the command for an output directory, whether its kernels run in Triton's interpreter)
-COMMANDS = {"quick_run": (_quick_run_command, False), "dry_run": (_dry_run_command, True)}
+def _report_command(out: Path) -> list:
+    # The kernel modules are imported without the interpreter (interpret=False below) for triton.compile.
+    return [sys.executable, "-m", "kernels.report", "--quick", "--json", out / "report.json"]
+
+
+# fixture name -> (the command for an output directory, whether its kernels run in Triton's interpreter,
+# the seconds it may take from the start)
+COMMANDS = {"quick_run": (_quick_run_command, False, 1500), "dry_run": (_dry_run_command, True, 1500),
+            "quick_report": (_report_command, False, 900)}
 
 
 def start(name: str, tmp_path_factory) -> tuple[Job, Path]:
     """COMMANDS[name] started in the background at the lowest CPU priority (nice 19: it takes only what the
     tests leave idle): (its Job, its output directory)."""
-    command, interpret = COMMANDS[name]
+    command, interpret, timeout = COMMANDS[name]
     out = tmp_path_factory.mktemp(name)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | (
         {"TRITON_INTERPRET": "1"} if interpret else {})
-    return Job(command(out), cwd=REPO, env=env, workdir=out / "job", timeout=1500, nice=19), out
+    return Job(command(out), cwd=REPO, env=env, workdir=out / "job", timeout=timeout, nice=19), out
